@@ -1,0 +1,170 @@
+"""The message contract: one envelope for commands, compensations and replies.
+
+On the wire every message is a dramatiq message (JSON) whose single positional
+argument is the envelope, so a participant's dramatiq actor receives it as is:
+
+    {"queue_name": "inventory", "actor_name": "reserve_stock",
+     "args": [{...envelope...}], "kwargs": {}, "options": {},
+     "message_id": "<envelope.message_id>", "message_timestamp": 1700000000000}
+
+The envelope's fields are documented in docs/messages.md. Parsing is strict:
+anything malformed raises MessageError with the reason, never a KeyError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, cast, get_args
+
+from outbox_relay.errors import MessageError
+
+Kind = Literal["command", "compensation", "reply"]
+KINDS: frozenset[str] = frozenset(get_args(Kind))
+
+ReplyType = Literal[
+    "succeeded", "failed", "error", "cancelled", "compensated", "compensation_failed"
+]
+REPLY_TYPES: frozenset[str] = frozenset(get_args(ReplyType))
+
+# Matches dramatiq's own rule for queue names, so every destination we write is
+# one a dramatiq worker can consume.
+NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+MAX_NAME_LENGTH = 200
+
+
+def is_valid_name(value: object) -> bool:
+    """True for a name usable as a queue, actor, saga, step or command name."""
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_NAME_LENGTH
+        and NAME_RE.fullmatch(value) is not None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What every sagabox message carries. Immutable; see docs/messages.md."""
+
+    message_id: str
+    correlation_id: str
+    causation_id: str | None
+    saga: str
+    version: int
+    step: str
+    attempt: int
+    kind: Kind
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None
+    sent_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["payload"] = dict(self.payload)
+        return data
+
+
+def encode(envelope: Envelope, *, queue: str, actor: str) -> str:
+    """The wire body (a dramatiq message as JSON text) for an envelope."""
+    message = {
+        "queue_name": queue,
+        "actor_name": actor,
+        "args": [envelope.to_dict()],
+        "kwargs": {},
+        "options": {},
+        "message_id": envelope.message_id,
+        "message_timestamp": int((envelope.sent_at or time.time()) * 1000),
+    }
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode(body: bytes | str) -> Envelope:
+    """Parse a wire body into an Envelope, or raise MessageError saying why."""
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MessageError(f"body is not JSON: {e}") from e
+    if not isinstance(message, dict):
+        raise MessageError("body is not a JSON object")
+    args = message.get("args")
+    if not isinstance(args, list) or len(args) != 1:
+        raise MessageError("'args' must be a list holding exactly one envelope")
+    return envelope_from_dict(args[0])
+
+
+def envelope_from_dict(data: object) -> Envelope:
+    """Validate a decoded envelope (a dramatiq actor's argument) field by field."""
+    if not isinstance(data, dict):
+        raise MessageError("envelope is not a JSON object")
+    unknown = set(data) - _FIELDS
+    if unknown:
+        raise MessageError(f"envelope has unknown fields: {sorted(unknown)}")
+    message_id = _uuid(data, "message_id")
+    correlation_id = _uuid(data, "correlation_id")
+    causation = data.get("causation_id")
+    causation_id = None if causation is None else _uuid(data, "causation_id")
+    saga = _name(data, "saga")
+    version = _int(data, "version", minimum=1)
+    step = _name(data, "step")
+    attempt = _int(data, "attempt", minimum=1)
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise MessageError(f"'kind' must be one of {sorted(KINDS)}, got {kind!r}")
+    type_ = _name(data, "type")
+    if kind == "reply" and type_ not in REPLY_TYPES:
+        raise MessageError(f"reply 'type' must be one of {sorted(REPLY_TYPES)}, got {type_!r}")
+    payload = data.get("payload", {})
+    if not isinstance(payload, dict):
+        raise MessageError("'payload' must be a JSON object")
+    reply_to = data.get("reply_to")
+    if reply_to is not None and not is_valid_name(reply_to):
+        raise MessageError(f"'reply_to' is not a valid queue name: {reply_to!r}")
+    sent_at = data.get("sent_at", 0.0)
+    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float):
+        raise MessageError("'sent_at' must be a number (seconds since the epoch)")
+    return Envelope(
+        message_id=message_id,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        saga=saga,
+        version=version,
+        step=step,
+        attempt=attempt,
+        kind=cast(Kind, kind),
+        type=type_,
+        payload=payload,
+        reply_to=reply_to,
+        sent_at=float(sent_at),
+    )
+
+
+_FIELDS = frozenset(Envelope.__dataclass_fields__)
+
+
+def _uuid(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise MessageError(f"'{key}' must be a UUID string, got {type(value).__name__}")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as e:
+        raise MessageError(f"'{key}' is not a UUID: {value[:64]!r}") from e
+
+
+def _name(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not is_valid_name(value):
+        raise MessageError(f"'{key}' must be a name matching {NAME_RE.pattern}, got {value!r:.80}")
+    return cast(str, value)
+
+
+def _int(data: Mapping[str, Any], key: str, *, minimum: int) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MessageError(f"'{key}' must be an integer >= {minimum}, got {value!r:.40}")
+    return value

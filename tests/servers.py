@@ -1,0 +1,96 @@
+"""Real PostgreSQL and RabbitMQ for tests: each test session gets its own databases
+and its own RabbitMQ vhost, so runs never see each other's state."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+
+import migrations
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("SAGABOX_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_HOST = os.environ.get("SAGABOX_TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("SAGABOX_TEST_AMQP_PORT", "5672"))
+
+
+def ensure_services() -> None:
+    """Start PostgreSQL and RabbitMQ when a previous test (or run) left them down."""
+    subprocess.run([str(ROOT / "scripts" / "ensure-services")], check=True, timeout=300)
+
+
+def pg_reachable() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def amqp_reachable() -> bool:
+    try:
+        with socket.create_connection((AMQP_HOST, AMQP_PORT), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def database_url(name: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{name}"
+
+
+def admin(sql: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+def create_template(prefix: str = "sagabox_tpl") -> str:
+    """A database migrated to the head of every branch, to copy per test."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}"')
+    url = database_url(name)
+    for branch in migrations.heads():
+        migrations.upgrade(url, branch)
+    return name
+
+
+def drop_database(name: str) -> None:
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def database_from(template: str, prefix: str = "sagabox_test") -> Iterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield database_url(name)
+    finally:
+        drop_database(name)
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@contextmanager
+def vhost(prefix: str = "sagabox_test") -> Iterator[str]:
+    """A fresh RabbitMQ vhost for the guest user; yields its AMQP URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{quote(name, safe='')}"
+    finally:
+        ensure_services()
+        rabbitmqctl("delete_vhost", name)
