@@ -1,0 +1,5 @@
+import sys
+
+from sagabox.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""Typed settings, one frozen object per process, read from environment variables.
+
+Each process builds its settings once at its entry point (``XSettings.from_env()``)
+and passes them down; no library module reads the environment. Secrets may come
+from a file named by ``NAME_FILE`` instead of ``NAME``. Every bad value raises
+ConfigurationError naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from outbox_relay.errors import ConfigurationError
+
+PREFIX = "SAGABOX_"
+
+
+class Env:
+    """Reads ``SAGABOX_*`` variables from a mapping (os.environ by default)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = os.environ if environ is None else environ
+
+    def raw(self, name: str) -> str | None:
+        key = PREFIX + name
+        if key in self.environ:
+            return self.environ[key]
+        file_key = key + "_FILE"
+        if file_key in self.environ:
+            path = Path(self.environ[file_key])
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ConfigurationError(f"{file_key}: cannot read {path}: {e.strerror}") from e
+        return None
+
+    def str(self, name: str, default: str | None = None) -> str:
+        value = self.raw(name)
+        if value is None or value == "":
+            if default is None:
+                raise ConfigurationError(f"{PREFIX}{name} is required")
+            return default
+        return value
+
+    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value = self.raw(name)
+        if value is None or value == "":
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigurationError(f"{PREFIX}{name} must be an integer, got {value!r}") from None
+        if number < minimum:
+            raise ConfigurationError(f"{PREFIX}{name} must be >= {minimum}, got {number}")
+        return number
+
+    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self.raw(name)
+        if value is None or value == "":
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigurationError(f"{PREFIX}{name} must be a number, got {value!r}") from None
+        if number < minimum:
+            raise ConfigurationError(f"{PREFIX}{name} must be >= {minimum}, got {number}")
+        return number
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None or value == "":
+            return default
+        lowered = value.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigurationError(f"{PREFIX}{name} must be true or false, got {value!r}")
+
+    def list(self, name: str, default: list[str] | None = None) -> list[str]:
+        value = self.raw(name)
+        if value is None or value.strip() == "":
+            if default is None:
+                raise ConfigurationError(f"{PREFIX}{name} is required")
+            return default
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def database_url(value: str, variable: str) -> str:
+    """Normalise a PostgreSQL URL for SQLAlchemy's psycopg 3 driver, or say what is wrong."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if value.startswith(prefix):
+            return "postgresql+psycopg://" + value.removeprefix(prefix)
+    raise ConfigurationError(f"{variable} must be a postgresql:// URL")
+
+
+def libpq_url(value: str) -> str:
+    """The same URL in the form psycopg.connect() takes."""
+    return "postgresql://" + value.split("://", 1)[1]
+
+
+def amqp_url(value: str, variable: str) -> str:
+    if not value.startswith(("amqp://", "amqps://")):
+        raise ConfigurationError(f"{variable} must be an amqp:// or amqps:// URL")
+    return value
+
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagabox"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
