@@ -31,6 +31,10 @@ ReplyType = Literal[
 ]
 REPLY_TYPES: frozenset[str] = frozenset(get_args(ReplyType))
 
+# The dramatiq actor name every reply is sent to (the orchestrator's reply consumer).
+REPLY_ACTOR = "saga_reply"
+DEFAULT_REPLY_QUEUE = "sagabox.replies"
+
 # Matches dramatiq's own rule for queue names, so every destination we write is
 # one a dramatiq worker can consume.
 NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")

@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "sagabox.commands.db",
     "sagabox.commands.saga",
     "sagabox.commands.relay",
+    "sagabox.commands.orchestrator",
+    "sagabox.commands.participant",
     "sagabox.commands.demo",
     "sagabox.commands.bench",
 )
