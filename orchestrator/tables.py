@@ -27,7 +27,7 @@ metadata = MetaData(schema=SCHEMA)
 saga = Table(
     "saga",
     metadata,
-    Column("id", Uuid, primary_key=True),
+    Column("id", Uuid(as_uuid=False), primary_key=True),
     Column("name", Text, nullable=False),
     Column("version", Integer, nullable=False),
     Column("status", Text, nullable=False),
@@ -51,7 +51,7 @@ history = Table(
     Column("id", BigInteger, Identity(always=True), primary_key=True),
     Column(
         "saga_id",
-        Uuid,
+        Uuid(as_uuid=False),
         ForeignKey(f"{SCHEMA}.saga.id", ondelete="CASCADE"),
         nullable=False,
     ),
@@ -60,7 +60,7 @@ history = Table(
     Column("event", Text, nullable=False),
     Column("step", Text, nullable=True),
     Column("attempt", Integer, nullable=True),
-    Column("message_id", Uuid, nullable=True),
+    Column("message_id", Uuid(as_uuid=False), nullable=True),
     Column("from_status", Text, nullable=True),
     Column("to_status", Text, nullable=False),
     Column("reason", Text, nullable=True),
@@ -75,7 +75,7 @@ history = Table(
 reply_inbox = Table(
     "reply_inbox",
     metadata,
-    Column("message_id", Uuid, primary_key=True),
+    Column("message_id", Uuid(as_uuid=False), primary_key=True),
     Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("reply_inbox_received_at", "received_at"),
 )

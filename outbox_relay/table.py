@@ -39,9 +39,9 @@ outbox = Table(
     "outbox",
     metadata,
     Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("message_id", Uuid, nullable=False),
+    Column("message_id", Uuid(as_uuid=False), nullable=False),
     # Rows of one correlation id are published in id order (see docs/guarantees.md).
-    Column("correlation_id", Uuid, nullable=True),
+    Column("correlation_id", Uuid(as_uuid=False), nullable=True),
     Column("exchange", Text, nullable=False, server_default=""),
     Column("destination", Text, nullable=False),
     Column("body", Text, nullable=False),

@@ -1,0 +1,169 @@
+"""Saga definitions in code: a saga is a name, a version, its input and its steps.
+
+A step's payload is a template: JSON literals with ``data(...)`` and ``result(...)``
+references in place of values, so that registration can check that every value a
+step needs exists by the time it runs (orchestrator.validation).
+
+    place_order = Saga(
+        "place_order", version=1,
+        input={"order_id": str, "sku": str, "qty": int, "amount": int},
+        steps=[
+            Step("reserve", participant="inventory", command="reserve_stock",
+                 compensation="release_stock",
+                 payload={"sku": data("sku"), "qty": data("qty")},
+                 result=("reservation_id",)),
+            Step("charge", participant="payment", command="charge_payment", pivot=True,
+                 payload={"amount": data("amount")}),
+            Parallel(
+                Step("ship", participant="shipping", command="schedule_shipment",
+                     retry=Retry(max_attempts=None, on_exhausted="park"),
+                     payload={"reservation": result("reserve", "reservation_id")}),
+                ...),
+        ])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# What saga input fields may be declared as.
+FieldType = type[str] | type[int] | type[float] | type[bool] | type[dict[str, Any]] | type[list[Any]]
+FIELD_TYPES: tuple[type, ...] = (str, int, float, bool, dict, list)
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A value taken, when the command is built, from the saga's data or a step's result."""
+
+    source: Literal["data", "result"]
+    path: tuple[str, ...]
+    step: str | None = None
+
+    def describe(self) -> str:
+        if self.source == "data":
+            return "data(" + ", ".join(repr(p) for p in self.path) + ")"
+        return f"result({self.step!r}, " + ", ".join(repr(p) for p in self.path) + ")"
+
+
+def data(key: str, *path: str) -> Ref:
+    """The saga input field ``key`` (and, optionally, a path inside it)."""
+    return Ref("data", (key, *path))
+
+
+def result(step: str, key: str, *path: str) -> Ref:
+    """Field ``key`` of the result that step ``step`` returned."""
+    return Ref("result", (key, *path), step)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How a step (or its compensation) is retried after a technical failure or timeout.
+
+    ``max_attempts`` counts every attempt, the first included; None retries forever.
+    The delay before attempt n+1 is ``initial * multiplier**(n-1)`` capped at
+    ``maximum``, spread by +-``jitter`` (a fraction) deterministically per saga.
+    When attempts run out, ``on_exhausted`` says: compensate (backward recovery) or
+    park the saga for an operator.
+    """
+
+    max_attempts: int | None = 1
+    initial: float = 1.0
+    multiplier: float = 2.0
+    maximum: float = 300.0
+    jitter: float = 0.2
+    on_exhausted: Literal["compensate", "park"] = "compensate"
+
+    @property
+    def retriable(self) -> bool:
+        return self.max_attempts is None or self.max_attempts > 1
+
+
+DEFAULT_COMPENSATION_RETRY = Retry(max_attempts=10, on_exhausted="park")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One local transaction of a participant, and how to undo it.
+
+    - ``compensation``: the command that undoes it; leave None only for a
+      ``read_only`` step, the ``pivot``, or steps after the pivot.
+    - ``result``: the fields the participant's success reply carries; later steps
+      may refer to them with ``result(name, field)``.
+    - ``pivot``: the go/no-go step; once it succeeded the saga only goes forward.
+    - ``timeout``: seconds to wait for a reply before the attempt counts as failed.
+    """
+
+    name: str
+    participant: str
+    command: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    compensation: str | None = None
+    compensation_payload: Mapping[str, Any] = field(default_factory=dict)
+    result: tuple[str, ...] = ()
+    read_only: bool = False
+    pivot: bool = False
+    retry: Retry = Retry()
+    compensation_retry: Retry = DEFAULT_COMPENSATION_RETRY
+    timeout: float = 30.0
+    compensation_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Parallel:
+    """Steps dispatched together (fan-out); the saga moves on when all succeeded (fan-in)."""
+
+    steps: tuple[Step, ...]
+
+    def __init__(self, *steps: Step) -> None:
+        object.__setattr__(self, "steps", tuple(steps))
+
+
+@dataclass(frozen=True, slots=True)
+class Saga:
+    """A versioned saga definition. Validated by ``Registry.register``."""
+
+    name: str
+    version: int
+    steps: Sequence[Step | Parallel]
+    input: Mapping[str, FieldType] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def stages(self) -> tuple[tuple[Step, ...], ...]:
+        """The steps grouped as they run: one tuple per stage, in order."""
+        return tuple(
+            item.steps if isinstance(item, Parallel) else (item,) for item in self.steps
+        )
+
+    @property
+    def flat_steps(self) -> tuple[Step, ...]:
+        return tuple(step for stage in self.stages for step in stage)
+
+    def step(self, name: str) -> Step:
+        for step in self.flat_steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def pivot_stage(self) -> int | None:
+        for index, stage in enumerate(self.stages):
+            if any(step.pivot for step in stage):
+                return index
+        return None
+
+
+def render(template: Any, saga_data: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
+    """Build a command payload from its template (refs are resolved, literals copied)."""
+    if isinstance(template, Ref):
+        value: Any = saga_data if template.source == "data" else results[template.step or ""]
+        for key in template.path:
+            value = value[key]
+        return value
+    if isinstance(template, Mapping):
+        return {key: render(value, saga_data, results) for key, value in template.items()}
+    if isinstance(template, list | tuple):
+        return [render(value, saga_data, results) for value in template]
+    return template

@@ -1,0 +1,418 @@
+"""The orchestrator: the pure machine wrapped in one PostgreSQL transaction per batch.
+
+Applying replies reads as the five steps of the pattern:
+lock the sagas, dedup the replies in the inbox, decide, save state and history,
+add the commands to the outbox; then commit. Only after the commit does the
+caller acknowledge the messages, so a crash anywhere redoes the whole batch and
+the inbox makes the redo a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from orchestrator import store
+from orchestrator.errors import (
+    IdempotencyConflictError,
+    InvalidInputError,
+    StoreError,
+    UnknownSagaError,
+)
+from orchestrator.events import Event, Started, TimersDue, event_from_dict, event_from_reply
+from orchestrator.machine import Command, Transition, start, transition
+from orchestrator.registry import Registry
+from orchestrator.state import SagaState
+from orchestrator.validation import check_input
+from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, encode
+from outbox_relay.table import OutboxWriter, OutgoingMessage
+
+log = structlog.get_logger("sagabox.orchestrator")
+
+OutcomeStatus = Literal["applied", "ignored", "duplicate", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one reply: applied, ignored (late/stale), duplicate, or rejected.
+
+    A rejected reply does not fit this database (unknown saga, definition not
+    registered here, not a reply): the caller dead-letters it with ``note``.
+    """
+
+    message_id: str
+    saga_id: str
+    status: OutcomeStatus
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaView:
+    """One saga as an operator sees it."""
+
+    row: store.SagaRow
+    history: list[dict[str, Any]]
+
+    @property
+    def state(self) -> SagaState:
+        return SagaState.from_dict(self.row.state)
+
+
+class Orchestrator:
+    """Starts sagas and applies replies and timers, each in one local transaction."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        *,
+        reply_queue: str = DEFAULT_REPLY_QUEUE,
+        clock: Callable[[], float] = time.time,
+        outbox: OutboxWriter | None = None,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.reply_queue = reply_queue
+        self.clock = clock
+        self.outbox = outbox or OutboxWriter()
+
+    # -- starting ----------------------------------------------------------------
+
+    def start(
+        self,
+        name: str,
+        data: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        idempotency_key: str | None = None,
+        connection: Connection | Session | None = None,
+    ) -> str:
+        """Start a saga and return its id.
+
+        With ``connection`` (a SQLAlchemy Connection or Session), everything is written
+        in the caller's transaction, which the caller commits: an order row and its
+        saga appear together or not at all. Without it, the saga commits on its own.
+        Starting twice with one ``idempotency_key`` returns the first saga's id.
+        """
+        definition = self.registry.get(name, version)
+        payload = check_input(definition, data)
+        try:
+            json.dumps(payload, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"saga {name!r}: data is not JSON: {e}") from e
+        if idempotency_key is not None and not (
+            isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200
+        ):
+            raise InvalidInputError("idempotency_key must be a string of 1 to 200 characters")
+        if connection is None:
+            with self._begin() as conn:
+                return self._start(conn, definition.name, definition.version, payload, idempotency_key)
+        conn = connection.connection() if isinstance(connection, Session) else connection
+        with _translated():
+            return self._start(conn, definition.name, definition.version, payload, idempotency_key)
+
+    def _start(
+        self,
+        conn: Connection,
+        name: str,
+        version: int,
+        data: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> str:
+        definition = self.registry.get(name, version)
+        saga_id = str(uuid.uuid4())
+        now = self.clock()
+        t = start(definition, saga_id, data, now)
+        inserted = store.insert_saga(
+            conn,
+            saga_id=saga_id,
+            name=name,
+            version=version,
+            status=t.state.status.value,
+            state=t.state.to_dict(),
+            wake_at=t.state.wake_at,
+            idempotency_key=idempotency_key,
+        )
+        if not inserted:
+            assert idempotency_key is not None
+            existing = store.find_by_key(conn, name, idempotency_key)
+            if existing is None:  # pragma: no cover - the conflicting row was deleted meanwhile
+                raise StoreError("idempotency key conflict but no saga found; retry")
+            if existing.state.get("data") != data:
+                raise IdempotencyConflictError(
+                    f"idempotency key {idempotency_key!r} already started saga {existing.id} "
+                    "with different data"
+                )
+            return existing.id
+        store.insert_history(conn, [_history_row(t, Started(data=data), None, 1, now)])
+        self.outbox.write(conn, [self._outgoing(definition.name, version, c, None, now) for c in t.commands])
+        with structlog.contextvars.bound_contextvars(correlation_id=saga_id, saga=name, version=version):
+            log.info("saga_started", status=t.state.status.value, commands=len(t.commands))
+        return saga_id
+
+    # -- replies -----------------------------------------------------------------
+
+    def handle_replies(self, replies: Sequence[Envelope]) -> list[Outcome]:
+        """Apply a batch of reply envelopes in ONE transaction; return one outcome each."""
+        if not replies:
+            return []
+        now = self.clock()
+        outcomes: dict[str, Outcome] = {}
+        with self._begin() as conn:
+            rows = store.lock_sagas(conn, (r.correlation_id for r in replies))
+            acceptable: list[Envelope] = []
+            for reply in replies:
+                problem = self._reply_problem(reply, rows.get(reply.correlation_id))
+                if problem:
+                    outcomes[reply.message_id] = Outcome(
+                        reply.message_id, reply.correlation_id, "rejected", problem
+                    )
+                else:
+                    acceptable.append(reply)
+            fresh = store.record_replies(conn, (r.message_id for r in acceptable))
+            states: dict[str, tuple[store.SagaRow, SagaState, int]] = {}
+            history_rows: list[dict[str, Any]] = []
+            messages: list[OutgoingMessage] = []
+            for reply in acceptable:
+                if reply.message_id not in fresh or reply.message_id in outcomes:
+                    outcomes.setdefault(
+                        reply.message_id,
+                        Outcome(reply.message_id, reply.correlation_id, "duplicate", "seen before"),
+                    )
+                    continue
+                row = rows[reply.correlation_id]
+                _, state, revision = states.get(
+                    row.id, (row, SagaState.from_dict(row.state), row.revision)
+                )
+                definition = self.registry.get(row.name, row.version)
+                event = event_from_reply(reply)
+                t = transition(definition, state, event, now)
+                outcome = self._log(t, event, reply, row)
+                outcomes[reply.message_id] = outcome
+                if not t.changed:
+                    continue
+                revision += 1
+                states[row.id] = (row, t.state, revision)
+                history_rows.append(_history_row(t, event, state, revision, now))
+                messages.extend(
+                    self._outgoing(row.name, row.version, c, reply.message_id, now)
+                    for c in t.commands
+                )
+            self._save(conn, states, history_rows, messages)
+        return [outcomes[r.message_id] for r in replies]
+
+    def _reply_problem(self, reply: Envelope, row: store.SagaRow | None) -> str:
+        if reply.kind != "reply":
+            return f"not a reply: kind {reply.kind!r}"
+        if row is None:
+            return f"no saga {reply.correlation_id} in this database"
+        if (reply.saga, reply.version) != (row.name, row.version):
+            return (
+                f"reply names saga {reply.saga} v{reply.version} but saga "
+                f"{row.id} is {row.name} v{row.version}"
+            )
+        try:
+            self.registry.get(row.name, row.version)
+        except UnknownSagaError as e:
+            return f"definition not registered in this orchestrator: {e}"
+        return ""
+
+    # -- timers ------------------------------------------------------------------
+
+    def fire_timers(self, limit: int = 200) -> int:
+        """Apply every due deadline and scheduled retry (up to ``limit`` sagas).
+
+        Safe with several orchestrators: due sagas are claimed with SKIP LOCKED.
+        Returns the number of sagas handled.
+        """
+        now = self.clock()
+        with self._begin() as conn:
+            rows = store.lock_due_sagas(conn, now, limit)
+            states: dict[str, tuple[store.SagaRow, SagaState, int]] = {}
+            history_rows: list[dict[str, Any]] = []
+            messages: list[OutgoingMessage] = []
+            for row in rows:
+                state = SagaState.from_dict(row.state)
+                try:
+                    definition = self.registry.get(row.name, row.version)
+                except UnknownSagaError:
+                    log.error("saga_definition_missing", correlation_id=row.id, saga=row.name, version=row.version)
+                    continue
+                event = TimersDue()
+                t = transition(definition, state, event, now)
+                revision = row.revision + (1 if t.changed else 0)
+                # Even an ignored tick rewrites wake_at, so the row is not picked again.
+                states[row.id] = (row, t.state, revision)
+                if t.changed:
+                    history_rows.append(_history_row(t, event, state, revision, now))
+                    messages.extend(
+                        self._outgoing(row.name, row.version, c, None, now) for c in t.commands
+                    )
+                    with structlog.contextvars.bound_contextvars(correlation_id=row.id, saga=row.name):
+                        log.info("saga_timers_fired", status=t.state.status.value, note=t.note)
+            self._save(conn, states, history_rows, messages)
+        return len(rows)
+
+    # -- reading -----------------------------------------------------------------
+
+    def get(self, saga_id: str) -> SagaView:
+        try:
+            uuid.UUID(saga_id)
+        except (ValueError, TypeError, AttributeError):
+            raise UnknownSagaError(f"{saga_id!r} is not a saga id (a UUID)") from None
+        with self._begin() as conn:
+            row = store.get_saga(conn, saga_id)
+            if row is None:
+                raise UnknownSagaError(f"no saga with id {saga_id}")
+            return SagaView(row, store.load_history(conn, saga_id))
+
+    def replay(self, saga_id: str) -> SagaState:
+        """Rebuild a saga's state from its history alone (an audit of the record)."""
+        view = self.get(saga_id)
+        definition = self.registry.get(view.row.name, view.row.version)
+        state: SagaState | None = None
+        for entry in view.history:
+            event = event_from_dict(entry["event_data"])
+            now = entry["at"].timestamp()
+            if isinstance(event, Started):
+                state = start(definition, saga_id, event.data, now).state
+            else:
+                assert state is not None
+                state = transition(definition, state, event, now).state
+        assert state is not None
+        return state
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _save(
+        self,
+        conn: Connection,
+        states: Mapping[str, tuple[store.SagaRow, SagaState, int]],
+        history_rows: Sequence[dict[str, Any]],
+        messages: Sequence[OutgoingMessage],
+    ) -> None:
+        store.update_sagas(
+            conn,
+            [
+                {
+                    "id": saga_id,
+                    "status": state.status.value,
+                    "state": state.to_dict(),
+                    "wake_at": state.wake_at,
+                    "revision": revision,
+                }
+                for saga_id, (_, state, revision) in states.items()
+            ],
+        )
+        store.insert_history(conn, history_rows)
+        self.outbox.write(conn, messages)
+
+    def _outgoing(
+        self, saga: str, version: int, command: Command, causation_id: str | None, now: float
+    ) -> OutgoingMessage:
+        envelope = Envelope(
+            message_id=command.message_id,
+            correlation_id=command.saga_id,
+            causation_id=causation_id,
+            saga=saga,
+            version=version,
+            step=command.step,
+            attempt=command.attempt,
+            kind=command.kind,
+            type=command.type,
+            payload=command.payload,
+            reply_to=self.reply_queue,
+            sent_at=now,
+        )
+        return OutgoingMessage(
+            message_id=command.message_id,
+            correlation_id=command.saga_id,
+            destination=command.participant,
+            body=encode(envelope, queue=command.participant, actor=command.type),
+        )
+
+    def _log(self, t: Transition, event: Event, reply: Envelope, row: store.SagaRow) -> Outcome:
+        with structlog.contextvars.bound_contextvars(
+            correlation_id=row.id,
+            message_id=reply.message_id,
+            causation_id=reply.causation_id,
+            saga=row.name,
+            version=row.version,
+            step=reply.step,
+            attempt=reply.attempt,
+        ):
+            if t.changed:
+                log.info("saga_transitioned", saga_event=event.type, status=t.state.status.value, note=t.note)
+                return Outcome(reply.message_id, row.id, "applied", t.note)
+            log.info("reply_ignored", saga_event=event.type, note=t.note)
+            return Outcome(reply.message_id, row.id, "ignored", t.note)
+
+    def _begin(self) -> _Transaction:
+        return _Transaction(self.engine)
+
+
+def _history_row(
+    t: Transition, event: Event, before: SagaState | None, seq: int, now: float
+) -> dict[str, Any]:
+    return {
+        "saga_id": t.state.saga_id,
+        "seq": seq,
+        "at": now,
+        "event": event.type,
+        "step": getattr(event, "step", None),
+        "attempt": getattr(event, "attempt", None),
+        "message_id": event.message_id,
+        "from_status": before.status.value if before is not None else None,
+        "to_status": t.state.status.value,
+        "reason": t.note or None,
+        "event_data": event.to_dict(),
+        "emitted": [c.message_id for c in t.commands] or None,
+        "actor": None,
+    }
+
+
+class _Transaction:
+    """``engine.begin()`` whose driver errors surface as StoreError."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._cm: Any = None
+
+    def __enter__(self) -> Connection:
+        try:
+            self._cm = self.engine.begin()
+            conn: Connection = self._cm.__enter__()
+        except DBAPIError as e:
+            raise StoreError(f"cannot reach the saga database: {e.orig}") from e
+        return conn
+
+    def __exit__(self, *exc: Any) -> bool:
+        try:
+            self._cm.__exit__(*exc)
+        except DBAPIError as e:
+            raise StoreError(f"saga database error: {e.orig}") from e
+        if exc[0] is not None and isinstance(exc[1], DBAPIError):
+            raise StoreError(f"saga database error: {exc[1].orig}") from exc[1]
+        return False
+
+
+class _translated:
+    """Turns driver errors raised inside a caller's transaction into StoreError."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if isinstance(exc, DBAPIError):
+            raise StoreError(f"saga database error: {exc.orig}") from exc
+        return False

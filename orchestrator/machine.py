@@ -1,0 +1,415 @@
+"""The pure saga state machine: (definition, state, event, now) -> Transition.
+
+No I/O and no clock of its own: the caller hands it ``now`` (epoch seconds). The
+same inputs always give the same output, which is what lets the engine replay a
+saga's history and lets hypothesis explore event orders (tests/unit).
+
+Rules in brief (docs/sagas.md has the long form):
+- Stages run in order; the steps of a Parallel stage are dispatched together and
+  the saga moves on when all of them succeeded.
+- A success or business-failure reply to ANY attempt of a step in flight decides
+  the step (participants dedup by saga + step, so every attempt gets the same
+  answer). Technical errors count only for the current attempt; others are stale.
+- A business failure before the pivot starts backward recovery; after the pivot
+  it parks the saga. An attempt that errors or times out is retried by the step's
+  Retry; when retries run out, the step is ``abandoned`` (its effect is unknown)
+  and the saga compensates or parks, as the policy says.
+- Backward recovery compensates, one at a time in reverse order, every step that
+  succeeded or was abandoned and has a compensation. Steps still in flight are
+  abandoned too: their compensation may overtake their command, which the
+  participant handles (cancel-before-do). Late replies are then ignored.
+- A compensation that fails is retried by its own policy; when that runs out the
+  saga is parked (status ``failed``) for an operator.
+- Settled sagas (completed, compensated, failed) ignore every event, so a parked
+  saga never emits a command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from orchestrator.definition import Retry, Saga, Step, render
+from orchestrator.events import (
+    CompensationFailed,
+    CompensationSucceeded,
+    Event,
+    Started,
+    StepCancelled,
+    StepErrored,
+    StepEvent,
+    StepFailed,
+    StepSucceeded,
+    TimersDue,
+)
+from orchestrator.state import (
+    COMPENSATION_IN_PROGRESS,
+    FORWARD_IN_PROGRESS,
+    NEEDS_COMPENSATION,
+    SETTLED,
+    SagaState,
+    SagaStatus,
+    StepState,
+    StepStatus,
+    Timer,
+)
+
+CommandKind = Literal["command", "compensation"]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A message the saga sends to a participant; its id is fixed by what it is."""
+
+    saga_id: str
+    step: str
+    attempt: int
+    kind: CommandKind
+    participant: str
+    type: str
+    payload: Mapping[str, Any]
+
+    @property
+    def message_id(self) -> str:
+        return command_id(self.saga_id, self.step, self.kind, self.attempt)
+
+
+def command_id(saga_id: str, step: str, kind: str, attempt: int) -> str:
+    """Deterministic: re-deciding the same transition never mints a second message."""
+    return str(uuid.uuid5(uuid.UUID(saga_id), f"{step}/{kind}/{attempt}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    state: SagaState
+    commands: tuple[Command, ...] = ()
+    # False when the event was ignored (duplicate, stale, or the saga is settled).
+    changed: bool = True
+    note: str = ""
+
+    @property
+    def timers(self) -> tuple[Timer, ...]:
+        return self.state.timers
+
+
+def start(definition: Saga, saga_id: str, data: Mapping[str, Any], now: float) -> Transition:
+    """The first transition of a new saga: dispatch its first stage."""
+    state = SagaState(
+        saga_id=saga_id,
+        name=definition.name,
+        version=definition.version,
+        status=SagaStatus.RUNNING,
+        data=dict(data),
+        steps={step.name: StepState() for step in definition.flat_steps},
+    )
+    decision = _Decision(definition, state, now)
+    decision.advance()
+    return decision.done("started")
+
+
+def transition(definition: Saga, state: SagaState, event: Event, now: float) -> Transition:
+    """Apply one event. Never raises for an event that does not fit: it is ignored."""
+    if (definition.name, definition.version) != (state.name, state.version):
+        raise ValueError(
+            f"definition {definition.name} v{definition.version} does not match "
+            f"saga {state.name} v{state.version}"
+        )
+    if state.status in SETTLED:
+        return Transition(state, changed=False, note=f"ignored: saga is {state.status}")
+    if isinstance(event, Started):
+        return Transition(state, changed=False, note="ignored: saga already started")
+    if isinstance(event, TimersDue):
+        return _on_timers(definition, state, now)
+    if not isinstance(event, StepEvent):
+        return Transition(state, changed=False, note=f"ignored: unknown event {event.type}")
+    if event.step not in state.steps:
+        return Transition(state, changed=False, note=f"ignored: no step {event.step!r}")
+    d = _Decision(definition, state, now)
+    if isinstance(event, StepSucceeded):
+        return d.step_succeeded(event)
+    if isinstance(event, StepFailed | StepCancelled):
+        return d.step_rejected(event, event.reason)
+    if isinstance(event, StepErrored):
+        return d.step_errored(event)
+    if isinstance(event, CompensationSucceeded):
+        return d.compensation_succeeded(event)
+    if isinstance(event, CompensationFailed):
+        return d.compensation_failed(event)
+    return Transition(state, changed=False, note=f"ignored: unknown event {event.type}")
+
+
+def backoff(policy: Retry, saga_id: str, step: str, attempt: int) -> float:
+    """Delay before the attempt after ``attempt``, with deterministic jitter."""
+    base = min(policy.maximum, policy.initial * policy.multiplier ** (attempt - 1))
+    if not policy.jitter or not base:
+        return base
+    digest = hashlib.blake2b(f"{saga_id}/{step}/{attempt}".encode(), digest_size=8).digest()
+    unit = int.from_bytes(digest, "big") / 2**64
+    return max(0.0, base * (1 + policy.jitter * (2 * unit - 1)))
+
+
+def _on_timers(definition: Saga, state: SagaState, now: float) -> Transition:
+    d = _Decision(definition, state, now)
+    fired = []
+    # One pass in definition order; each handler may change the saga's status
+    # (start compensating, park), which the following ones must see.
+    for name in list(state.steps):
+        current = d.state.steps[name]
+        if d.state.status in SETTLED:
+            break
+        if current.due is None or current.due > now:
+            continue
+        fired.append(name)
+        step = definition.step(name)
+        if current.status is StepStatus.ACTIVE:
+            d.attempt_failed(step, f"no reply within {step.timeout:g}s (attempt {current.attempt})")
+        elif current.status is StepStatus.RETRYING:
+            d.dispatch(step, current.attempt + 1)
+        elif current.status is StepStatus.COMPENSATING:
+            d.compensation_attempt_failed(
+                step,
+                f"no reply to compensation within {step.compensation_timeout:g}s "
+                f"(attempt {current.comp_attempt})",
+            )
+        elif current.status is StepStatus.COMPENSATION_RETRYING:
+            d.send_compensation(step, current.comp_attempt + 1)
+    if not fired:
+        return Transition(state, changed=False, note="ignored: nothing due")
+    return d.done("timers fired: " + ", ".join(fired))
+
+
+@dataclass
+class _Decision:
+    """Accumulates one transition: the evolving state and the commands to send."""
+
+    definition: Saga
+    state: SagaState
+    now: float
+    commands: list[Command] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def done(self, note: str = "") -> Transition:
+        text = "; ".join(n for n in (note, *self.notes) if n)
+        # A transition that parks the saga sends nothing: an operator decides next.
+        commands = () if self.state.status is SagaStatus.FAILED else tuple(self.commands)
+        return Transition(self.state, commands, True, text)
+
+    def ignored(self, why: str) -> Transition:
+        return Transition(self.state, changed=False, note=f"ignored: {why}")
+
+    # -- forward -----------------------------------------------------------------
+
+    def step_succeeded(self, event: StepSucceeded) -> Transition:
+        current = self.state.steps[event.step]
+        if not self._decides(current, event):
+            return self.ignored(f"late or duplicate success of {event.step}")
+        step = self.definition.step(event.step)
+        missing = _missing_result_fields(step, event.result)
+        if missing:
+            if current.status is StepStatus.ACTIVE and event.attempt == current.attempt:
+                self.attempt_failed(step, missing)
+                return self.done(f"step {step.name} replied without its result")
+            return self.ignored(f"stale malformed success of {event.step}")
+        self._set(step.name, status=StepStatus.SUCCEEDED, result=dict(event.result), due=None)
+        self.advance()
+        return self.done(f"step {step.name} succeeded")
+
+    def step_rejected(self, event: StepEvent, reason: str) -> Transition:
+        current = self.state.steps[event.step]
+        if not self._decides(current, event):
+            return self.ignored(f"late or duplicate failure of {event.step}")
+        self._set(event.step, status=StepStatus.REJECTED, reason=reason, due=None)
+        if self._pivot_passed():
+            self.park(event.step, f"step {event.step} failed after the pivot: {reason}")
+        else:
+            self.compensate(f"step {event.step} failed: {reason}")
+        return self.done()
+
+    def step_errored(self, event: StepErrored) -> Transition:
+        current = self.state.steps[event.step]
+        if not (
+            self.state.status is SagaStatus.RUNNING
+            and current.status is StepStatus.ACTIVE
+            and event.attempt == current.attempt
+        ):
+            return self.ignored(f"stale error of {event.step} attempt {event.attempt}")
+        self.attempt_failed(self.definition.step(event.step), event.reason)
+        return self.done()
+
+    def _decides(self, current: StepState, event: StepEvent) -> bool:
+        return (
+            self.state.status is SagaStatus.RUNNING
+            and current.status in FORWARD_IN_PROGRESS
+            and 1 <= event.attempt <= current.attempt
+        )
+
+    def attempt_failed(self, step: Step, reason: str) -> None:
+        attempt = self.state.steps[step.name].attempt
+        policy = step.retry
+        if policy.max_attempts is None or attempt < policy.max_attempts:
+            delay = backoff(policy, self.state.saga_id, step.name, attempt)
+            if delay <= 0:
+                self.dispatch(step, attempt + 1)
+            else:
+                self._set(
+                    step.name, status=StepStatus.RETRYING, due=self.now + delay, reason=reason
+                )
+            self.notes.append(f"step {step.name} attempt {attempt} failed: {reason}")
+            return
+        self._set(step.name, status=StepStatus.ABANDONED, due=None, reason=reason)
+        why = f"step {step.name} gave up after {attempt} attempt(s): {reason}"
+        if policy.on_exhausted == "park" or self._pivot_passed():
+            self.park(step.name, why)
+        else:
+            self.compensate(why)
+
+    def advance(self) -> None:
+        """Dispatch the first stage that has not fully succeeded, or complete."""
+        for stage in self.definition.stages:
+            statuses = [self.state.steps[s.name].status for s in stage]
+            if all(s is StepStatus.SUCCEEDED for s in statuses):
+                continue
+            for step in stage:
+                if self.state.steps[step.name].status is StepStatus.PENDING:
+                    self.dispatch(step, 1)
+                    if self.state.status is not SagaStatus.RUNNING:
+                        return
+            return
+        self.state = replace(self.state, status=SagaStatus.COMPLETED)
+        self.notes.append("saga completed")
+
+    def dispatch(self, step: Step, attempt: int) -> None:
+        try:
+            payload = render(step.payload, self.state.data, self.state.results)
+        except (KeyError, IndexError, TypeError) as e:
+            self.park(step.name, f"cannot build the payload of step {step.name}: {e!r}")
+            return
+        self._set(step.name, status=StepStatus.ACTIVE, attempt=attempt, due=self.now + step.timeout)
+        self.commands.append(
+            Command(
+                self.state.saga_id, step.name, attempt, "command", step.participant,
+                step.command, payload,
+            )
+        )
+
+    def _pivot_passed(self) -> bool:
+        pivot = self.definition.pivot_stage
+        if pivot is None:
+            return False
+        return all(
+            self.state.steps[s.name].status is StepStatus.SUCCEEDED
+            for s in self.definition.stages[pivot]
+        )
+
+    # -- backward ----------------------------------------------------------------
+
+    def compensate(self, reason: str) -> None:
+        """Start backward recovery: abandon what is in flight, undo in reverse order."""
+        steps = dict(self.state.steps)
+        for name, current in steps.items():
+            if current.status in FORWARD_IN_PROGRESS:
+                steps[name] = replace(current, status=StepStatus.ABANDONED, due=None)
+        self.state = replace(
+            self.state, status=SagaStatus.COMPENSATING, steps=steps, reason=reason
+        )
+        # Attempts decided earlier in this same transition are abandoned too: don't send them.
+        self.commands = [c for c in self.commands if c.kind == "compensation"]
+        self.notes.append(f"compensating: {reason}")
+        self.compensate_next()
+
+    def compensate_next(self) -> None:
+        for step in reversed(self.definition.flat_steps):
+            current = self.state.steps[step.name]
+            if step.compensation is not None and current.status in NEEDS_COMPENSATION:
+                self.send_compensation(step, 1)
+                return
+        self.state = replace(self.state, status=SagaStatus.COMPENSATED)
+        self.notes.append("saga compensated")
+
+    def send_compensation(self, step: Step, attempt: int) -> None:
+        assert step.compensation is not None
+        try:
+            payload = render(step.compensation_payload, self.state.data, self.state.results)
+        except (KeyError, IndexError, TypeError) as e:
+            self.park(step.name, f"cannot build the compensation payload of {step.name}: {e!r}")
+            return
+        self._set(
+            step.name,
+            status=StepStatus.COMPENSATING,
+            comp_attempt=attempt,
+            due=self.now + step.compensation_timeout,
+        )
+        self.commands.append(
+            Command(
+                self.state.saga_id, step.name, attempt, "compensation", step.participant,
+                step.compensation, payload,
+            )
+        )
+
+    def compensation_succeeded(self, event: CompensationSucceeded) -> Transition:
+        current = self.state.steps[event.step]
+        if not (
+            self.state.status is SagaStatus.COMPENSATING
+            and current.status in COMPENSATION_IN_PROGRESS
+            and 1 <= event.attempt <= current.comp_attempt
+        ):
+            return self.ignored(f"late or duplicate compensation reply of {event.step}")
+        self._set(event.step, status=StepStatus.COMPENSATED, due=None)
+        self.compensate_next()
+        return self.done(f"step {event.step} compensated")
+
+    def compensation_failed(self, event: CompensationFailed) -> Transition:
+        current = self.state.steps[event.step]
+        if not (
+            self.state.status is SagaStatus.COMPENSATING
+            and current.status is StepStatus.COMPENSATING
+            and event.attempt == current.comp_attempt
+        ):
+            return self.ignored(f"stale compensation failure of {event.step}")
+        self.compensation_attempt_failed(self.definition.step(event.step), event.reason)
+        return self.done()
+
+    def compensation_attempt_failed(self, step: Step, reason: str) -> None:
+        attempt = self.state.steps[step.name].comp_attempt
+        policy = step.compensation_retry
+        if policy.max_attempts is None or attempt < policy.max_attempts:
+            delay = backoff(policy, self.state.saga_id, f"{step.name}/compensation", attempt)
+            if delay <= 0:
+                self.send_compensation(step, attempt + 1)
+            else:
+                self._set(
+                    step.name,
+                    status=StepStatus.COMPENSATION_RETRYING,
+                    due=self.now + delay,
+                    reason=reason,
+                )
+            self.notes.append(f"compensation of {step.name} attempt {attempt} failed: {reason}")
+            return
+        self._set(step.name, status=StepStatus.COMPENSATION_FAILED, due=None, reason=reason)
+        self.park(step.name, f"compensation of {step.name} gave up after {attempt} attempt(s): {reason}")
+
+    # -- parking -----------------------------------------------------------------
+
+    def park(self, step: str, reason: str) -> None:
+        """Stop the saga for an operator: no timer, no command goes out from here."""
+        steps = {
+            name: replace(s, due=None) if s.due is not None else s
+            for name, s in self.state.steps.items()
+        }
+        self.state = replace(
+            self.state, status=SagaStatus.FAILED, steps=steps, reason=reason, parked_step=step
+        )
+        self.notes.append(f"parked: {reason}")
+
+    def _set(self, name: str, **changes: Any) -> None:
+        self.state = self.state.with_step(name, **changes)
+
+
+def _missing_result_fields(step: Step, result: Any) -> str:
+    if not isinstance(result, Mapping):
+        return f"result is {type(result).__name__}, not an object"
+    missing = [f for f in step.result if f not in result]
+    return f"result lacks declared field(s) {missing}" if missing else ""
