@@ -1,0 +1,371 @@
+"""The engine on real PostgreSQL: atomic transitions, dedup, serialisation, idempotency."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, Table, Column, Text, MetaData, func, select, text
+
+from orchestrator import (
+    IdempotencyConflictError,
+    InvalidInputError,
+    Orchestrator,
+    Registry,
+    SagaStatus,
+    StepStatus,
+    UnknownSagaError,
+    make_engine,
+)
+from orchestrator.machine import command_id
+from orchestrator.tables import history, reply_inbox, saga
+from outbox_relay.message import Envelope, decode
+from outbox_relay.table import OutboxWriter, outbox
+from tests.sagas import ORDER, ORDER_V2, registry
+
+pytestmark = pytest.mark.integration
+
+DATA = {"order_id": "o-1", "sku": "sku-1", "qty": 2, "amount": 500}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def orch(engine: Engine, clock: Clock) -> Orchestrator:
+    return Orchestrator(engine, Registry([ORDER]), clock=clock)
+
+
+def count(engine: Engine, table: Table) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def outbox_envelopes(engine: Engine) -> list[tuple[str, Envelope]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(outbox.c.destination, outbox.c.body).order_by(outbox.c.id))
+        return [(r.destination, decode(r.body)) for r in rows]
+
+
+def reply(saga_id: str, step: str, type_: str, attempt: int = 1, **payload: Any) -> Envelope:
+    import uuid
+
+    return Envelope(
+        message_id=str(uuid.uuid4()),
+        correlation_id=saga_id,
+        causation_id=command_id(saga_id, step, "command", attempt),
+        saga="order",
+        version=1,
+        step=step,
+        attempt=attempt,
+        kind="reply",
+        type=type_,
+        payload=payload,
+    )
+
+
+def test_start_writes_state_history_and_the_first_command(orch: Orchestrator, engine: Engine) -> None:
+    saga_id = orch.start("order", DATA)
+    view = orch.get(saga_id)
+    assert view.row.status == "running"
+    assert view.state.steps["reserve"].status is StepStatus.ACTIVE
+    assert [h["event"] for h in view.history] == ["started"]
+    [(destination, envelope)] = outbox_envelopes(engine)
+    assert destination == "inventory"
+    assert envelope.correlation_id == saga_id
+    assert envelope.message_id == command_id(saga_id, "reserve", "command", 1)
+    assert (envelope.kind, envelope.type, envelope.step, envelope.attempt) == (
+        "command", "reserve_stock", "reserve", 1,
+    )
+    assert envelope.payload == {"sku": "sku-1", "qty": 2}
+    assert envelope.reply_to == "sagabox.replies"
+
+
+def test_start_in_the_callers_transaction_commits_or_rolls_back_with_it(
+    orch: Orchestrator, engine: Engine
+) -> None:
+    orders = Table("orders", MetaData(), Column("id", Text, primary_key=True))
+    with engine.begin() as conn:
+        orders.create(conn)
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o-1"))
+        orch.start("order", DATA, connection=conn)
+        raise RuntimeError("the caller fails after starting the saga")
+    assert count(engine, saga) == count(engine, outbox) == count(engine, orders) == 0
+
+    with engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o-1"))
+        saga_id = orch.start("order", DATA, connection=conn)
+    assert count(engine, orders) == 1
+    assert orch.get(saga_id).row.status == "running"
+    assert count(engine, outbox) == 1
+
+
+def test_bad_input_gets_a_clear_error_and_writes_nothing(orch: Orchestrator, engine: Engine) -> None:
+    with pytest.raises(UnknownSagaError, match="no saga named 'nope'"):
+        orch.start("nope", DATA)
+    with pytest.raises(InvalidInputError, match="field 'qty' must be int, got str"):
+        orch.start("order", {**DATA, "qty": "2"})
+    with pytest.raises(InvalidInputError, match="missing field 'amount'"):
+        orch.start("order", {k: v for k, v in DATA.items() if k != "amount"})
+    with pytest.raises(InvalidInputError, match="unknown field 'extra'"):
+        orch.start("order", {**DATA, "extra": 1})
+    with pytest.raises(UnknownSagaError, match="has no version 7"):
+        orch.start("order", DATA, version=7)
+    assert count(engine, saga) == count(engine, outbox) == count(engine, history) == 0
+
+
+def test_idempotent_start(orch: Orchestrator, engine: Engine) -> None:
+    first = orch.start("order", DATA, idempotency_key="order-1")
+    assert orch.start("order", DATA, idempotency_key="order-1") == first
+    with pytest.raises(IdempotencyConflictError, match="different data"):
+        orch.start("order", {**DATA, "qty": 3}, idempotency_key="order-1")
+    assert count(engine, saga) == 1
+    assert count(engine, outbox) == 1
+
+
+def test_concurrent_starts_with_one_key_make_one_saga(orch: Orchestrator, engine: Engine) -> None:
+    barrier = threading.Barrier(4)
+    ids: list[str] = []
+
+    def run() -> None:
+        barrier.wait()
+        ids.append(orch.start("order", DATA, idempotency_key="same"))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(ids) == 4
+    assert count(engine, saga) == 1
+    assert count(engine, outbox) == 1
+
+
+def test_a_reply_moves_the_saga_and_emits_the_next_command(orch: Orchestrator, engine: Engine) -> None:
+    saga_id = orch.start("order", DATA)
+    r = reply(saga_id, "reserve", "succeeded", result={"reservation_id": "res-9"})
+    [outcome] = orch.handle_replies([r])
+    assert outcome.status == "applied"
+    view = orch.get(saga_id)
+    assert view.state.steps["reserve"].result == {"reservation_id": "res-9"}
+    assert view.row.revision == 2
+    assert [h["event"] for h in view.history] == ["started", "step_succeeded"]
+    assert view.history[1]["message_id"] == r.message_id
+    _, charge = outbox_envelopes(engine)[1]
+    assert (charge.type, charge.causation_id) == ("charge_payment", r.message_id)
+
+
+def test_a_duplicate_reply_changes_nothing(orch: Orchestrator, engine: Engine) -> None:
+    saga_id = orch.start("order", DATA)
+    r = reply(saga_id, "reserve", "succeeded", result={"reservation_id": "res-9"})
+    orch.handle_replies([r])
+    before = orch.get(saga_id)
+    assert [o.status for o in orch.handle_replies([r])] == ["duplicate"]
+    assert [o.status for o in orch.handle_replies([r, r])] == ["duplicate", "duplicate"]
+    after = orch.get(saga_id)
+    assert after.row.revision == before.row.revision
+    assert after.history == before.history
+    assert count(engine, outbox) == 2
+    assert count(engine, reply_inbox) == 1
+
+
+def test_state_and_outbox_commit_together_or_not_at_all(
+    engine: Engine, clock: Clock
+) -> None:
+    class Failing(OutboxWriter):
+        fail = False
+
+        def write(self, conn: Any, messages: Any) -> None:
+            super().write(conn, messages)
+            if self.fail:
+                raise RuntimeError("crash after the outbox insert, before commit")
+
+    writer = Failing()
+    orch = Orchestrator(engine, Registry([ORDER]), clock=clock, outbox=writer)
+    saga_id = orch.start("order", DATA)
+    before = orch.get(saga_id)
+    writer.fail = True
+    r = reply(saga_id, "reserve", "succeeded", result={"reservation_id": "res-9"})
+    with pytest.raises(RuntimeError):
+        orch.handle_replies([r])
+    after = orch.get(saga_id)
+    assert after.row == before.row and after.history == before.history
+    assert count(engine, outbox) == 1
+    assert count(engine, reply_inbox) == 0, "the reply must be processed again on redelivery"
+    writer.fail = False
+    assert [o.status for o in orch.handle_replies([r])] == ["applied"]
+
+
+def _to_parallel_stage(orch: Orchestrator, saga_id: str) -> None:
+    orch.handle_replies([reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})])
+    orch.handle_replies([reply(saga_id, "charge", "succeeded")])
+    orch.handle_replies([reply(saga_id, "confirm", "succeeded")])
+
+
+def test_concurrent_replies_for_one_saga_are_serialised(
+    engine: Engine, clock: Clock
+) -> None:
+    registry_ = Registry([ORDER])
+    orchestrators = [Orchestrator(engine, registry_, clock=clock) for _ in range(2)]
+    for _ in range(5):
+        saga_id = orchestrators[0].start("order", DATA)
+        _to_parallel_stage(orchestrators[0], saga_id)
+        barrier = threading.Barrier(2)
+        replies = [
+            reply(saga_id, "ship", "succeeded"),
+            reply(saga_id, "points", "succeeded"),
+        ]
+
+        def run(o: Orchestrator, r: Envelope) -> None:
+            barrier.wait()
+            o.handle_replies([r])
+
+        threads = [
+            threading.Thread(target=run, args=(o, r)) for o, r in zip(orchestrators, replies, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        view = orchestrators[0].get(saga_id)
+        assert view.row.status == "completed", "one of the two replies was lost"
+        assert [h["seq"] for h in view.history] == list(range(1, 7))
+
+
+def test_a_business_failure_compensates_in_reverse_order(orch: Orchestrator, engine: Engine) -> None:
+    saga_id = orch.start("order", DATA)
+    orch.handle_replies([reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})])
+    orch.handle_replies([reply(saga_id, "charge", "succeeded")])
+    orch.handle_replies([reply(saga_id, "confirm", "failed", reason="card expired")])
+    assert orch.get(saga_id).row.status == "compensating"
+    orch.handle_replies([reply(saga_id, "charge", "compensated")])
+    orch.handle_replies([reply(saga_id, "reserve", "compensated")])
+    view = orch.get(saga_id)
+    assert view.row.status == "compensated"
+    assert "card expired" in (view.state.reason or "")
+    sent = [(d, e.kind, e.type) for d, e in outbox_envelopes(engine)]
+    assert sent[-2:] == [
+        ("payment", "compensation", "refund_payment"),
+        ("inventory", "compensation", "release_stock"),
+    ]
+
+
+def test_timers_retry_then_compensate_and_survive_a_restart(
+    engine: Engine, clock: Clock
+) -> None:
+    saga_id = Orchestrator(engine, Registry([ORDER]), clock=clock).start("order", DATA)
+    assert Orchestrator(engine, Registry([ORDER]), clock=clock).fire_timers() == 0
+    clock.now += 11  # past the 10 s reply deadline of attempt 1
+    # A new orchestrator process: nothing lives in memory.
+    orch = Orchestrator(engine, Registry([ORDER]), clock=clock)
+    assert orch.fire_timers() == 1
+    state = orch.get(saga_id).state
+    assert state.steps["reserve"].status is StepStatus.RETRYING
+    clock.now += 2
+    assert orch.fire_timers() == 1
+    assert orch.get(saga_id).state.steps["reserve"].attempt == 2
+    types = [(e.type, e.attempt) for _, e in outbox_envelopes(engine)]
+    assert types == [("reserve_stock", 1), ("reserve_stock", 2)]
+
+
+def test_two_sweepers_never_fire_one_saga_twice(engine: Engine, clock: Clock) -> None:
+    reg = Registry([ORDER])
+    ids = [Orchestrator(engine, reg, clock=clock).start("order", DATA) for _ in range(40)]
+    clock.now += 11
+    barrier = threading.Barrier(2)
+    fired: list[int] = []
+
+    def sweep() -> None:
+        o = Orchestrator(engine, reg, clock=clock)
+        barrier.wait()
+        total = 0
+        while (n := o.fire_timers(limit=7)) > 0:
+            total += n
+        fired.append(total)
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(fired) == 40
+    with engine.connect() as conn:
+        seqs = conn.execute(
+            select(history.c.saga_id, func.count()).group_by(history.c.saga_id)
+        ).all()
+    assert sorted(n for _, n in seqs) == [2] * 40
+    assert {s for s, _ in seqs} == set(ids)
+
+
+def test_running_sagas_stay_on_their_version(engine: Engine, clock: Clock) -> None:
+    old = Orchestrator(engine, Registry([ORDER]), clock=clock).start("order", DATA)
+    both = Orchestrator(engine, registry(), clock=clock)
+    new = both.start("order", DATA)
+    assert both.get(old).row.version == 1
+    assert both.get(new).row.version == 2
+    both.handle_replies([reply(old, "reserve", "succeeded", result={"reservation_id": "r"})])
+    assert both.get(old).state.steps["charge"].status is StepStatus.ACTIVE
+
+
+def test_replaying_the_history_reproduces_the_state(orch: Orchestrator, clock: Clock) -> None:
+    saga_id = orch.start("order", DATA)
+    orch.handle_replies([reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})])
+    clock.now += 30
+    orch.fire_timers()
+    clock.now += 1
+    orch.fire_timers()
+    orch.handle_replies([reply(saga_id, "charge", "failed", attempt=2, reason="declined")])
+    view = orch.get(saga_id)
+    assert view.state.status is SagaStatus.COMPENSATING
+    assert orch.replay(saga_id) == view.state
+
+
+def test_rejected_replies_are_reported_not_applied(orch: Orchestrator) -> None:
+    import uuid
+
+    unknown = reply(str(uuid.uuid4()), "reserve", "succeeded")
+    [outcome] = orch.handle_replies([unknown])
+    assert outcome.status == "rejected" and "no saga" in outcome.note
+    saga_id = orch.start("order", DATA)
+    wrong = Envelope(**{**reply(saga_id, "reserve", "succeeded").to_dict(), "saga": "other"})
+    [outcome] = orch.handle_replies([wrong])
+    assert outcome.status == "rejected" and "names saga other" in outcome.note
+    with pytest.raises(UnknownSagaError):
+        orch.get("not-a-uuid")
+    with pytest.raises(UnknownSagaError):
+        orch.get(str(uuid.uuid4()))
+
+
+def test_the_outbox_wakes_relays_at_most_once_per_interval(engine: Engine, clock: Clock) -> None:
+    import psycopg
+
+    url = engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("LISTEN sagabox_outbox")
+        orch = Orchestrator(engine, Registry([ORDER]), clock=clock, outbox=OutboxWriter(notify_interval=60))
+        for _ in range(5):
+            orch.start("order", DATA)
+        notes = list(listener.notifies(timeout=0.5))
+    assert len(notes) == 1
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM sagabox.outbox")).scalar_one() == 5
