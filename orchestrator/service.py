@@ -1,0 +1,170 @@
+"""``sagabox orchestrator``: consumes replies in batches and fires due timers.
+
+Why a pika consumer and not a dramatiq actor: a dramatiq actor handles one message
+per call, so each reply would cost its own transaction and commit. Here every
+batch of replies that arrived together is applied in ONE transaction and acked
+with one ``multiple=True`` ack after the commit (docs/architecture.md measures it).
+Messages of a batch stay unacked until their transaction committed, so a crash
+anywhere redelivers them and the reply inbox absorbs the redo.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+import structlog
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from orchestrator.engine import Orchestrator
+from orchestrator.errors import StoreError
+from outbox_relay.errors import MessageError
+from outbox_relay.message import Envelope, decode
+
+log = structlog.get_logger("sagabox.orchestrator")
+
+DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000  # what dramatiq gives its .XQ queues
+
+
+def declare_reply_queue(channel: BlockingChannel, queue: str) -> None:
+    """Declare the reply queue exactly as dramatiq would, so either may come first."""
+    arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue}.XQ"}
+    channel.queue_declare(queue=queue, durable=True, arguments=arguments)
+    channel.queue_declare(queue=f"{queue}.DQ", durable=True, arguments=arguments)
+    channel.queue_declare(
+        queue=f"{queue}.XQ", durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
+    )
+
+
+@dataclass
+class _Delivery:
+    tag: int
+    body: bytes
+    envelope: Envelope | None = None
+    error: str = ""
+
+
+@dataclass
+class ReplyConsumer:
+    """Runs until ``stop()``: replies in, transitions committed, acks out, timers fired."""
+
+    orchestrator: Orchestrator
+    amqp_url: str
+    queue: str
+    batch_size: int = 200
+    timer_interval: float = 0.25
+    reconnect_delay: float = 1.0
+    on_batch: Callable[[int], None] | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _pending: list[_Delivery] = field(default_factory=list, init=False)
+
+    def stop(self, *_: Any) -> None:
+        self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        delay = self.reconnect_delay
+        log.info("orchestrator_started", queue=self.queue)
+        while not self._stopping.is_set():
+            try:
+                self._run_connected()
+                delay = self.reconnect_delay
+            except (pika.exceptions.AMQPError, OSError) as e:
+                self._pending.clear()  # unacked: the broker redelivers them
+                log.warning("orchestrator_reconnecting", error=repr(e), delay=delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+        log.info("orchestrator_stopped")
+
+    def _run_connected(self) -> None:
+        params = pika.URLParameters(self.amqp_url)
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            declare_reply_queue(channel, self.queue)
+            # Enough in flight to fill two batches while one is being committed.
+            channel.basic_qos(prefetch_count=self.batch_size * 2)
+            channel.basic_consume(self.queue, self._on_message)
+            log.info("orchestrator_consuming", queue=self.queue)
+            next_timers = 0.0
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_timers:
+                    self._fire_timers()
+                    next_timers = time.monotonic() + self.timer_interval
+                wait = 0.0 if self._pending else max(0.0, min(next_timers - now, 0.25))
+                connection.process_data_events(time_limit=wait)
+                if self._pending:
+                    self._handle_batch(channel)
+        finally:
+            if connection.is_open:
+                try:
+                    connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def _on_message(
+        self, _: BlockingChannel, method: Basic.Deliver, __: BasicProperties, body: bytes
+    ) -> None:
+        delivery = _Delivery(method.delivery_tag, body)
+        try:
+            delivery.envelope = decode(body)
+        except MessageError as e:
+            delivery.error = str(e)
+        self._pending.append(delivery)
+
+    def _handle_batch(self, channel: BlockingChannel) -> None:
+        batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
+        good = [d for d in batch if d.envelope is not None]
+        while True:
+            try:
+                outcomes = self.orchestrator.handle_replies([d.envelope for d in good if d.envelope])
+                break
+            except StoreError as e:
+                # Nothing was committed; keep the messages and try again.
+                log.warning("reply_batch_failed", error=str(e), size=len(good))
+                if self._stopping.wait(self.reconnect_delay):
+                    return
+        rejected = {o.message_id: o.note for o in outcomes if o.status == "rejected"}
+        for d in batch:
+            reason = d.error or (rejected.get(d.envelope.message_id, "") if d.envelope else "")
+            if reason:
+                self._dead_letter(channel, d, reason)
+        channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+
+    def _dead_letter(self, channel: BlockingChannel, delivery: _Delivery, reason: str) -> None:
+        """Park a reply that cannot be applied in ``<queue>.XQ``, with the reason."""
+        log.error(
+            "reply_dead_lettered",
+            reason=reason,
+            message_id=delivery.envelope.message_id if delivery.envelope else None,
+            correlation_id=delivery.envelope.correlation_id if delivery.envelope else None,
+        )
+        channel.basic_publish(
+            exchange="",
+            routing_key=f"{self.queue}.XQ",
+            body=delivery.body,
+            properties=pika.BasicProperties(
+                delivery_mode=2, headers={"x-sagabox-error": reason[:1000]}
+            ),
+        )
+
+    def _fire_timers(self) -> None:
+        try:
+            while self.orchestrator.fire_timers() > 0 and not self._stopping.is_set():
+                pass
+        except StoreError as e:
+            log.warning("timers_failed", error=str(e))

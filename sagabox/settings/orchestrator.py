@@ -1,0 +1,59 @@
+"""Settings of the orchestrator process and of the saga CLI commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from outbox_relay.message import DEFAULT_REPLY_QUEUE, is_valid_name
+from sagabox.settings import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_DATABASE_URL,
+    ConfigurationError,
+    Env,
+    amqp_url,
+    database_url,
+)
+
+DEFAULT_SAGAS = "participants.examples.sagas:registry"
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorSettings:
+    """| variable | default | meaning |
+    | SAGABOX_DATABASE_URL | postgresql://postgres@127.0.0.1:5432/sagabox | saga state + outbox |
+    | SAGABOX_AMQP_URL | amqp://guest:guest@127.0.0.1:5672/%2F | RabbitMQ |
+    | SAGABOX_SAGAS | participants.examples.sagas:registry | module:attribute of the Registry |
+    | SAGABOX_REPLY_QUEUE | sagabox.replies | queue the participants reply to |
+    | SAGABOX_BATCH_SIZE | 200 | replies applied per transaction at most |
+    | SAGABOX_TIMER_INTERVAL | 0.25 | seconds between timer sweeps |
+    | SAGABOX_LOG_LEVEL / SAGABOX_LOG_FILE | INFO / none | logging |
+    """
+
+    database_url: str
+    amqp_url: str
+    sagas: str
+    reply_queue: str
+    batch_size: int
+    timer_interval: float
+    log_level: str
+    log_file: str | None
+
+    @classmethod
+    def from_env(cls, env: Env | None = None) -> OrchestratorSettings:
+        env = env or Env()
+        reply_queue = env.str("REPLY_QUEUE", DEFAULT_REPLY_QUEUE)
+        if not is_valid_name(reply_queue):
+            raise ConfigurationError(f"SAGABOX_REPLY_QUEUE is not a valid queue name: {reply_queue!r}")
+        sagas = env.str("SAGAS", DEFAULT_SAGAS)
+        if ":" not in sagas:
+            raise ConfigurationError("SAGABOX_SAGAS must be module:attribute, e.g. myapp.sagas:registry")
+        return cls(
+            database_url=database_url(env.str("DATABASE_URL", DEFAULT_DATABASE_URL), "SAGABOX_DATABASE_URL"),
+            amqp_url=amqp_url(env.str("AMQP_URL", DEFAULT_AMQP_URL), "SAGABOX_AMQP_URL"),
+            sagas=sagas,
+            reply_queue=reply_queue,
+            batch_size=env.int("BATCH_SIZE", 200, minimum=1),
+            timer_interval=env.float("TIMER_INTERVAL", 0.25, minimum=0.01),
+            log_level=env.str("LOG_LEVEL", "INFO"),
+            log_file=env.raw("LOG_FILE") or None,
+        )
