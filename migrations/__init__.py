@@ -17,6 +17,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 HERE = Path(__file__).resolve().parent
 BRANCHES = ("outbox", "orchestrator", "participant")
@@ -37,8 +38,6 @@ def upgrade(url: str, branch: str = "orchestrator", revision: str = "head") -> N
 
 def heads() -> dict[str, str]:
     """The newest revision of each branch, for health checks and tests."""
-    from alembic.script import ScriptDirectory
-
     script = ScriptDirectory.from_config(config("postgresql://unused"))
     result: dict[str, str] = {}
     for branch in BRANCHES:

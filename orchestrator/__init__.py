@@ -32,6 +32,7 @@ __all__ = [
     "SagaState",
     "SagaStatus",
     "SagaView",
+    "Step",
     "StepState",
     "StepStatus",
     "StoreError",

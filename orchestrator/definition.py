@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # What saga input fields may be declared as.
-FieldType = type[str] | type[int] | type[float] | type[bool] | type[dict[str, Any]] | type[list[Any]]
+FieldType = (
+    type[str] | type[int] | type[float] | type[bool] | type[dict[str, Any]] | type[list[Any]]
+)
 FIELD_TYPES: tuple[type, ...] = (str, int, float, bool, dict, list)
 
 
@@ -133,9 +135,7 @@ class Saga:
     @property
     def stages(self) -> tuple[tuple[Step, ...], ...]:
         """The steps grouped as they run: one tuple per stage, in order."""
-        return tuple(
-            item.steps if isinstance(item, Parallel) else (item,) for item in self.steps
-        )
+        return tuple(item.steps if isinstance(item, Parallel) else (item,) for item in self.steps)
 
     @property
     def flat_steps(self) -> tuple[Step, ...]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,9 +117,11 @@ class Orchestrator:
             raise InvalidInputError("idempotency_key must be a string of 1 to 200 characters")
         if connection is None:
             with self._begin() as conn:
-                return self._start(conn, definition.name, definition.version, payload, idempotency_key)
-        conn = connection.connection() if isinstance(connection, Session) else connection
+                return self._start(
+                    conn, definition.name, definition.version, payload, idempotency_key
+                )
         with _translated():
+            conn = connection.connection() if isinstance(connection, Session) else connection
             return self._start(conn, definition.name, definition.version, payload, idempotency_key)
 
     def _start(
@@ -155,8 +158,12 @@ class Orchestrator:
                 )
             return existing.id
         store.insert_history(conn, [_history_row(t, Started(data=data), None, 1, now)])
-        self.outbox.write(conn, [self._outgoing(definition.name, version, c, None, now) for c in t.commands])
-        with structlog.contextvars.bound_contextvars(correlation_id=saga_id, saga=name, version=version):
+        self.outbox.write(
+            conn, [self._outgoing(definition.name, version, c, None, now) for c in t.commands]
+        )
+        with structlog.contextvars.bound_contextvars(
+            correlation_id=saga_id, saga=name, version=version
+        ):
             log.info("saga_started", status=t.state.status.value, commands=len(t.commands))
         return saga_id
 
@@ -246,7 +253,12 @@ class Orchestrator:
                 try:
                     definition = self.registry.get(row.name, row.version)
                 except UnknownSagaError:
-                    log.error("saga_definition_missing", correlation_id=row.id, saga=row.name, version=row.version)
+                    log.error(
+                        "saga_definition_missing",
+                        correlation_id=row.id,
+                        saga=row.name,
+                        version=row.version,
+                    )
                     continue
                 event = TimersDue()
                 t = transition(definition, state, event, now)
@@ -258,7 +270,9 @@ class Orchestrator:
                     messages.extend(
                         self._outgoing(row.name, row.version, c, None, now) for c in t.commands
                     )
-                    with structlog.contextvars.bound_contextvars(correlation_id=row.id, saga=row.name):
+                    with structlog.contextvars.bound_contextvars(
+                        correlation_id=row.id, saga=row.name
+                    ):
                         log.info("saga_timers_fired", status=t.state.status.value, note=t.note)
             self._save(conn, states, history_rows, messages)
         return len(rows)
@@ -352,13 +366,18 @@ class Orchestrator:
             attempt=reply.attempt,
         ):
             if t.changed:
-                log.info("saga_transitioned", saga_event=event.type, status=t.state.status.value, note=t.note)
+                log.info(
+                    "saga_transitioned",
+                    saga_event=event.type,
+                    status=t.state.status.value,
+                    note=t.note,
+                )
                 return Outcome(reply.message_id, row.id, "applied", t.note)
             log.info("reply_ignored", saga_event=event.type, note=t.note)
             return Outcome(reply.message_id, row.id, "ignored", t.note)
 
-    def _begin(self) -> _Transaction:
-        return _Transaction(self.engine)
+    def _begin(self) -> AbstractContextManager[Connection]:
+        return _transaction(self.engine)
 
 
 def _history_row(
@@ -381,38 +400,16 @@ def _history_row(
     }
 
 
-class _Transaction:
-    """``engine.begin()`` whose driver errors surface as StoreError."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._cm: Any = None
-
-    def __enter__(self) -> Connection:
-        try:
-            self._cm = self.engine.begin()
-            conn: Connection = self._cm.__enter__()
-        except DBAPIError as e:
-            raise StoreError(f"cannot reach the saga database: {e.orig}") from e
-        return conn
-
-    def __exit__(self, *exc: Any) -> bool:
-        try:
-            self._cm.__exit__(*exc)
-        except DBAPIError as e:
-            raise StoreError(f"saga database error: {e.orig}") from e
-        if exc[0] is not None and isinstance(exc[1], DBAPIError):
-            raise StoreError(f"saga database error: {exc[1].orig}") from exc[1]
-        return False
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Driver errors surface as StoreError, with the driver's error as the cause."""
+    try:
+        yield
+    except DBAPIError as e:
+        raise StoreError(f"saga database error: {e.orig}") from e
 
 
-class _translated:
-    """Turns driver errors raised inside a caller's transaction into StoreError."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if isinstance(exc, DBAPIError):
-            raise StoreError(f"saga database error: {exc.orig}") from exc
-        return False
+@contextmanager
+def _transaction(engine: Engine) -> Iterator[Connection]:
+    with _translated(), engine.begin() as conn:
+        yield conn

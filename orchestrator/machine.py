@@ -290,8 +290,13 @@ class _Decision:
         self._set(step.name, status=StepStatus.ACTIVE, attempt=attempt, due=self.now + step.timeout)
         self.commands.append(
             Command(
-                self.state.saga_id, step.name, attempt, "command", step.participant,
-                step.command, payload,
+                self.state.saga_id,
+                step.name,
+                attempt,
+                "command",
+                step.participant,
+                step.command,
+                payload,
             )
         )
 
@@ -312,9 +317,7 @@ class _Decision:
         for name, current in steps.items():
             if current.status in FORWARD_IN_PROGRESS:
                 steps[name] = replace(current, status=StepStatus.ABANDONED, due=None)
-        self.state = replace(
-            self.state, status=SagaStatus.COMPENSATING, steps=steps, reason=reason
-        )
+        self.state = replace(self.state, status=SagaStatus.COMPENSATING, steps=steps, reason=reason)
         # Attempts decided earlier in this same transition are abandoned too: don't send them.
         self.commands = [c for c in self.commands if c.kind == "compensation"]
         self.notes.append(f"compensating: {reason}")
@@ -344,8 +347,13 @@ class _Decision:
         )
         self.commands.append(
             Command(
-                self.state.saga_id, step.name, attempt, "compensation", step.participant,
-                step.compensation, payload,
+                self.state.saga_id,
+                step.name,
+                attempt,
+                "compensation",
+                step.participant,
+                step.compensation,
+                payload,
             )
         )
 
@@ -389,7 +397,9 @@ class _Decision:
             self.notes.append(f"compensation of {step.name} attempt {attempt} failed: {reason}")
             return
         self._set(step.name, status=StepStatus.COMPENSATION_FAILED, due=None, reason=reason)
-        self.park(step.name, f"compensation of {step.name} gave up after {attempt} attempt(s): {reason}")
+        self.park(
+            step.name, f"compensation of {step.name} gave up after {attempt} attempt(s): {reason}"
+        )
 
     # -- parking -----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ anywhere redelivers them and the reply inbox absorbs the redo.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -109,10 +110,8 @@ class ReplyConsumer:
                     self._handle_batch(channel)
         finally:
             if connection.is_open:
-                try:
+                with contextlib.suppress(pika.exceptions.AMQPError):
                     connection.close()
-                except pika.exceptions.AMQPError:
-                    pass
 
     def _on_message(
         self, _: BlockingChannel, method: Basic.Deliver, __: BasicProperties, body: bytes
@@ -129,7 +128,9 @@ class ReplyConsumer:
         good = [d for d in batch if d.envelope is not None]
         while True:
             try:
-                outcomes = self.orchestrator.handle_replies([d.envelope for d in good if d.envelope])
+                outcomes = self.orchestrator.handle_replies(
+                    [d.envelope for d in good if d.envelope]
+                )
                 break
             except StoreError as e:
                 # Nothing was committed; keep the messages and try again.

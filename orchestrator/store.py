@@ -121,9 +121,7 @@ def lock_sagas(conn: Connection, saga_ids: Iterable[str]) -> dict[str, SagaRow]:
     ids = sorted(set(saga_ids))
     if not ids:
         return {}
-    stmt = (
-        select(*_ROW_COLUMNS).where(saga.c.id.in_(ids)).order_by(saga.c.id).with_for_update()
-    )
+    stmt = select(*_ROW_COLUMNS).where(saga.c.id.in_(ids)).order_by(saga.c.id).with_for_update()
     return {r.id: _row(r) for r in conn.execute(stmt)}
 
 
@@ -171,9 +169,7 @@ def update_sagas(conn: Connection, changes: Sequence[Mapping[str, Any]]) -> None
 
 def insert_history(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     if rows:
-        conn.execute(
-            history.insert(), [{**r, "at": timestamp(r["at"])} for r in rows]
-        )
+        conn.execute(history.insert(), [{**r, "at": timestamp(r["at"])} for r in rows])
 
 
 def record_replies(conn: Connection, message_ids: Iterable[str]) -> set[str]:

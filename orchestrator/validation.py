@@ -40,7 +40,10 @@ def _problems(saga: Saga) -> Iterator[str]:
         if not isinstance(key, str) or not key:
             yield f"input field {key!r} must be a non-empty string"
         if type_ not in FIELD_TYPES:
-            yield f"input field {key!r}: type {type_!r} is not one of str, int, float, bool, dict, list"
+            yield (
+                f"input field {key!r}: type {type_!r} is not one of "
+                "str, int, float, bool, dict, list"
+            )
     if not saga.steps:
         yield "a saga needs at least one step"
         return
@@ -117,7 +120,10 @@ def _step_problems(step: Step, in_group: bool, after_pivot: bool) -> Iterator[st
             f"{where}: changes state but has no compensation; "
             "give it one, or mark it read_only=True, or place it after a pivot"
         )
-    for label, seconds in (("timeout", step.timeout), ("compensation_timeout", step.compensation_timeout)):
+    for label, seconds in (
+        ("timeout", step.timeout),
+        ("compensation_timeout", step.compensation_timeout),
+    ):
         if not _positive(seconds):
             yield f"{where}: {label} must be a positive number of seconds, got {seconds!r}"
     yield from _retry_problems(where, "retry", step.retry)
@@ -170,7 +176,8 @@ def _ref_problems(
                     f"result field {value.path[0]!r}"
                 )
         elif not (value is None or isinstance(value, str | int | float | bool)):
-            yield f"{where}{at}: {type(value).__name__} is not JSON (use data()/result() or literals)"
+            kind = type(value).__name__
+            yield f"{where}{at}: {kind} is not JSON (use data()/result() or literals)"
         elif isinstance(value, float) and not math.isfinite(value):
             yield f"{where}{at}: {value!r} is not valid JSON"
 
@@ -210,7 +217,9 @@ def _non_negative(value: object) -> bool:
 def check_input(saga: Saga, data: object) -> dict[str, Any]:
     """Check saga data against the declared input; raise InvalidInputError listing all faults."""
     if not isinstance(data, Mapping):
-        raise InvalidInputError(f"saga {saga.name!r}: data must be a JSON object, got {type(data).__name__}")
+        raise InvalidInputError(
+            f"saga {saga.name!r}: data must be a JSON object, got {type(data).__name__}"
+        )
     problems: list[str] = []
     for key, type_ in saga.input.items():
         if key not in data:

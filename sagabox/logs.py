@@ -74,7 +74,7 @@ def configure(
         cache_logger_on_first_use=True,
     )
     # Libraries below us log through stdlib logging: render those lines the same way.
-    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -87,7 +87,9 @@ def configure(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(numeric_level, logging.INFO) if numeric_level < logging.INFO else numeric_level)
+    root.setLevel(
+        max(numeric_level, logging.INFO) if numeric_level < logging.INFO else numeric_level
+    )
     # pika is chatty at INFO about every connection step.
     logging.getLogger("pika").setLevel(logging.WARNING)
 

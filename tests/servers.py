@@ -17,7 +17,9 @@ import psycopg
 import migrations
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN_URL = os.environ.get("SAGABOX_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "SAGABOX_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 AMQP_HOST = os.environ.get("SAGABOX_TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("SAGABOX_TEST_AMQP_PORT", "5672"))
 
@@ -50,7 +52,7 @@ def database_url(name: str) -> str:
 
 def admin(sql: str) -> None:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)
 
 
 def create_template(prefix: str = "sagabox_tpl") -> str:

@@ -70,9 +70,7 @@ def upgrade() -> None:
     op.create_table(
         "reply_inbox",
         sa.Column("message_id", sa.Uuid, primary_key=True),
-        sa.Column(
-            "received_at", sa.DateTime(timezone=True), nullable=False, server_default=now
-        ),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=now),
         schema="sagabox",
     )
     op.create_index("reply_inbox_received_at", "reply_inbox", ["received_at"], schema="sagabox")

@@ -37,9 +37,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("saga_id", "step", "action", name="command_inbox_pkey"),
         schema="sagabox",
     )
-    op.create_index(
-        "command_inbox_received_at", "command_inbox", ["received_at"], schema="sagabox"
-    )
+    op.create_index("command_inbox_received_at", "command_inbox", ["received_at"], schema="sagabox")
 
 
 def downgrade() -> None:

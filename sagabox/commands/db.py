@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import psycopg
+from psycopg import sql
+
 import migrations
 from sagabox.settings import DEFAULT_DATABASE_URL, Env, database_url, libpq_url
 
@@ -40,9 +43,6 @@ def upgrade(args: argparse.Namespace) -> int:
 
 def create_database(url: str) -> None:
     """Create the database named in ``url`` if it does not exist yet."""
-    import psycopg
-    from psycopg import sql
-
     base, _, name = url.rpartition("/")
     name = name.split("?", 1)[0]
     with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:

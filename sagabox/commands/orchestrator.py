@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = OrchestratorSettings.from_env()
-    logs.configure("orchestrator", level=settings.log_level, log_file=args.log_file or settings.log_file)
+    logs.configure(
+        "orchestrator", level=settings.log_level, log_file=args.log_file or settings.log_file
+    )
     orchestrator = Orchestrator(
         make_engine(settings.database_url),
         load_registry(settings.sagas),

@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
     show.set_defaults(handler=show_saga)
 
     listing = subparsers.add_parser("list", help="list sagas by state and name")
-    listing.add_argument("--status", choices=["running", "compensating", "completed", "compensated", "failed"])
+    listing.add_argument(
+        "--status", choices=["running", "compensating", "completed", "compensated", "failed"]
+    )
     listing.add_argument("--name")
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(handler=list_command)
@@ -58,9 +60,16 @@ def show_saga(args: argparse.Namespace) -> int:
     row = view.row
     if args.json:
         out = {
-            "id": row.id, "name": row.name, "version": row.version, "status": row.status,
-            "state": row.state, "created_at": str(row.created_at), "updated_at": str(row.updated_at),
-            "history": [{k: (str(v) if k == "at" else v) for k, v in h.items()} for h in view.history],
+            "id": row.id,
+            "name": row.name,
+            "version": row.version,
+            "status": row.status,
+            "state": row.state,
+            "created_at": str(row.created_at),
+            "updated_at": str(row.updated_at),
+            "history": [
+                {k: (str(v) if k == "at" else v) for k, v in h.items()} for h in view.history
+            ],
         }
         json.dump(out, sys.stdout, indent=2, default=str)
         print()
@@ -75,8 +84,9 @@ def show_saga(args: argparse.Namespace) -> int:
     print("history:")
     for h in view.history:
         where = f" {h['step']}#{h['attempt']}" if h["step"] else ""
-        print(f"  {h['seq']:>3} {h['at']:%Y-%m-%d %H:%M:%S.%f} {h['event']}{where} -> {h['to_status']}"
-              f"{'  (' + h['reason'] + ')' if h['reason'] else ''}")
+        reason = f"  ({h['reason']})" if h["reason"] else ""
+        at = f"{h['at']:%Y-%m-%d %H:%M:%S.%f}"
+        print(f"  {h['seq']:>3} {at} {h['event']}{where} -> {h['to_status']}{reason}")
     return 0
 
 
@@ -85,5 +95,6 @@ def list_command(args: argparse.Namespace) -> int:
     with orch.engine.connect() as conn:
         rows = list_sagas(conn, status=args.status, name=args.name, limit=args.limit)
     for row in rows:
-        print(f"{row.id}  {row.name:<20} v{row.version}  {row.status:<12} {row.created_at:%Y-%m-%d %H:%M:%S}")
+        created = f"{row.created_at:%Y-%m-%d %H:%M:%S}"
+        print(f"{row.id}  {row.name:<20} v{row.version}  {row.status:<12} {created}")
     return 0

@@ -8,6 +8,7 @@ ConfigurationError naming the variable.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = os.environ if environ is None else environ
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: builtins.str) -> builtins.str | None:
         key = PREFIX + name
         if key in self.environ:
             return self.environ[key]
@@ -36,7 +37,7 @@ class Env:
                 raise ConfigurationError(f"{file_key}: cannot read {path}: {e.strerror}") from e
         return None
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
         value = self.raw(name)
         if value is None or value == "":
             if default is None:
@@ -44,7 +45,7 @@ class Env:
             return default
         return value
 
-    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+    def int(self, name: builtins.str, default: int, *, minimum: int = 0) -> int:
         value = self.raw(name)
         if value is None or value == "":
             return default
@@ -56,7 +57,7 @@ class Env:
             raise ConfigurationError(f"{PREFIX}{name} must be >= {minimum}, got {number}")
         return number
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def float(self, name: builtins.str, default: float, *, minimum: float = 0.0) -> float:
         value = self.raw(name)
         if value is None or value == "":
             return default
@@ -68,7 +69,7 @@ class Env:
             raise ConfigurationError(f"{PREFIX}{name} must be >= {minimum}, got {number}")
         return number
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: bool) -> bool:
         value = self.raw(name)
         if value is None or value == "":
             return default
@@ -79,7 +80,9 @@ class Env:
             return False
         raise ConfigurationError(f"{PREFIX}{name} must be true or false, got {value!r}")
 
-    def list(self, name: str, default: list[str] | None = None) -> list[str]:
+    def list(
+        self, name: builtins.str, default: builtins.list[builtins.str] | None = None
+    ) -> builtins.list[builtins.str]:
         value = self.raw(name)
         if value is None or value.strip() == "":
             if default is None:

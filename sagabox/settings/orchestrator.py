@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from outbox_relay.errors import ConfigurationError
 from outbox_relay.message import DEFAULT_REPLY_QUEUE, is_valid_name
 from sagabox.settings import (
     DEFAULT_AMQP_URL,
     DEFAULT_DATABASE_URL,
-    ConfigurationError,
     Env,
     amqp_url,
     database_url,
@@ -43,12 +43,18 @@ class OrchestratorSettings:
         env = env or Env()
         reply_queue = env.str("REPLY_QUEUE", DEFAULT_REPLY_QUEUE)
         if not is_valid_name(reply_queue):
-            raise ConfigurationError(f"SAGABOX_REPLY_QUEUE is not a valid queue name: {reply_queue!r}")
+            raise ConfigurationError(
+                f"SAGABOX_REPLY_QUEUE is not a valid queue name: {reply_queue!r}"
+            )
         sagas = env.str("SAGAS", DEFAULT_SAGAS)
         if ":" not in sagas:
-            raise ConfigurationError("SAGABOX_SAGAS must be module:attribute, e.g. myapp.sagas:registry")
+            raise ConfigurationError(
+                "SAGABOX_SAGAS must be module:attribute, e.g. myapp.sagas:registry"
+            )
         return cls(
-            database_url=database_url(env.str("DATABASE_URL", DEFAULT_DATABASE_URL), "SAGABOX_DATABASE_URL"),
+            database_url=database_url(
+                env.str("DATABASE_URL", DEFAULT_DATABASE_URL), "SAGABOX_DATABASE_URL"
+            ),
             amqp_url=amqp_url(env.str("AMQP_URL", DEFAULT_AMQP_URL), "SAGABOX_AMQP_URL"),
             sagas=sagas,
             reply_queue=reply_queue,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import Engine, Table, Column, Text, MetaData, func, select, text
+from sqlalchemy import Column, Engine, MetaData, Table, Text, func, select, text
 
 from orchestrator import (
     IdempotencyConflictError,
@@ -23,7 +25,7 @@ from orchestrator.machine import command_id
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import OutboxWriter, outbox
-from tests.sagas import ORDER, ORDER_V2, registry
+from tests.sagas import ORDER, registry
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +69,6 @@ def outbox_envelopes(engine: Engine) -> list[tuple[str, Envelope]]:
 
 
 def reply(saga_id: str, step: str, type_: str, attempt: int = 1, **payload: Any) -> Envelope:
-    import uuid
-
     return Envelope(
         message_id=str(uuid.uuid4()),
         correlation_id=saga_id,
@@ -83,7 +83,9 @@ def reply(saga_id: str, step: str, type_: str, attempt: int = 1, **payload: Any)
     )
 
 
-def test_start_writes_state_history_and_the_first_command(orch: Orchestrator, engine: Engine) -> None:
+def test_start_writes_state_history_and_the_first_command(
+    orch: Orchestrator, engine: Engine
+) -> None:
     saga_id = orch.start("order", DATA)
     view = orch.get(saga_id)
     assert view.row.status == "running"
@@ -94,7 +96,10 @@ def test_start_writes_state_history_and_the_first_command(orch: Orchestrator, en
     assert envelope.correlation_id == saga_id
     assert envelope.message_id == command_id(saga_id, "reserve", "command", 1)
     assert (envelope.kind, envelope.type, envelope.step, envelope.attempt) == (
-        "command", "reserve_stock", "reserve", 1,
+        "command",
+        "reserve_stock",
+        "reserve",
+        1,
     )
     assert envelope.payload == {"sku": "sku-1", "qty": 2}
     assert envelope.reply_to == "sagabox.replies"
@@ -120,7 +125,9 @@ def test_start_in_the_callers_transaction_commits_or_rolls_back_with_it(
     assert count(engine, outbox) == 1
 
 
-def test_bad_input_gets_a_clear_error_and_writes_nothing(orch: Orchestrator, engine: Engine) -> None:
+def test_bad_input_gets_a_clear_error_and_writes_nothing(
+    orch: Orchestrator, engine: Engine
+) -> None:
     with pytest.raises(UnknownSagaError, match="no saga named 'nope'"):
         orch.start("nope", DATA)
     with pytest.raises(InvalidInputError, match="field 'qty' must be int, got str"):
@@ -161,7 +168,9 @@ def test_concurrent_starts_with_one_key_make_one_saga(orch: Orchestrator, engine
     assert count(engine, outbox) == 1
 
 
-def test_a_reply_moves_the_saga_and_emits_the_next_command(orch: Orchestrator, engine: Engine) -> None:
+def test_a_reply_moves_the_saga_and_emits_the_next_command(
+    orch: Orchestrator, engine: Engine
+) -> None:
     saga_id = orch.start("order", DATA)
     r = reply(saga_id, "reserve", "succeeded", result={"reservation_id": "res-9"})
     [outcome] = orch.handle_replies([r])
@@ -189,9 +198,7 @@ def test_a_duplicate_reply_changes_nothing(orch: Orchestrator, engine: Engine) -
     assert count(engine, reply_inbox) == 1
 
 
-def test_state_and_outbox_commit_together_or_not_at_all(
-    engine: Engine, clock: Clock
-) -> None:
+def test_state_and_outbox_commit_together_or_not_at_all(engine: Engine, clock: Clock) -> None:
     class Failing(OutboxWriter):
         fail = False
 
@@ -222,9 +229,7 @@ def _to_parallel_stage(orch: Orchestrator, saga_id: str) -> None:
     orch.handle_replies([reply(saga_id, "confirm", "succeeded")])
 
 
-def test_concurrent_replies_for_one_saga_are_serialised(
-    engine: Engine, clock: Clock
-) -> None:
+def test_concurrent_replies_for_one_saga_are_serialised(engine: Engine, clock: Clock) -> None:
     registry_ = Registry([ORDER])
     orchestrators = [Orchestrator(engine, registry_, clock=clock) for _ in range(2)]
     for _ in range(5):
@@ -236,12 +241,13 @@ def test_concurrent_replies_for_one_saga_are_serialised(
             reply(saga_id, "points", "succeeded"),
         ]
 
-        def run(o: Orchestrator, r: Envelope) -> None:
+        def run(o: Orchestrator, r: Envelope, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             o.handle_replies([r])
 
         threads = [
-            threading.Thread(target=run, args=(o, r)) for o, r in zip(orchestrators, replies, strict=True)
+            threading.Thread(target=run, args=(o, r))
+            for o, r in zip(orchestrators, replies, strict=True)
         ]
         for t in threads:
             t.start()
@@ -252,7 +258,9 @@ def test_concurrent_replies_for_one_saga_are_serialised(
         assert [h["seq"] for h in view.history] == list(range(1, 7))
 
 
-def test_a_business_failure_compensates_in_reverse_order(orch: Orchestrator, engine: Engine) -> None:
+def test_a_business_failure_compensates_in_reverse_order(
+    orch: Orchestrator, engine: Engine
+) -> None:
     saga_id = orch.start("order", DATA)
     orch.handle_replies([reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})])
     orch.handle_replies([reply(saga_id, "charge", "succeeded")])
@@ -270,9 +278,7 @@ def test_a_business_failure_compensates_in_reverse_order(orch: Orchestrator, eng
     ]
 
 
-def test_timers_retry_then_compensate_and_survive_a_restart(
-    engine: Engine, clock: Clock
-) -> None:
+def test_timers_retry_then_compensate_and_survive_a_restart(engine: Engine, clock: Clock) -> None:
     saga_id = Orchestrator(engine, Registry([ORDER]), clock=clock).start("order", DATA)
     assert Orchestrator(engine, Registry([ORDER]), clock=clock).fire_timers() == 0
     clock.now += 11  # past the 10 s reply deadline of attempt 1
@@ -341,8 +347,6 @@ def test_replaying_the_history_reproduces_the_state(orch: Orchestrator, clock: C
 
 
 def test_rejected_replies_are_reported_not_applied(orch: Orchestrator) -> None:
-    import uuid
-
     unknown = reply(str(uuid.uuid4()), "reserve", "succeeded")
     [outcome] = orch.handle_replies([unknown])
     assert outcome.status == "rejected" and "no saga" in outcome.note
@@ -357,12 +361,12 @@ def test_rejected_replies_are_reported_not_applied(orch: Orchestrator) -> None:
 
 
 def test_the_outbox_wakes_relays_at_most_once_per_interval(engine: Engine, clock: Clock) -> None:
-    import psycopg
-
     url = engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute("LISTEN sagabox_outbox")
-        orch = Orchestrator(engine, Registry([ORDER]), clock=clock, outbox=OutboxWriter(notify_interval=60))
+        orch = Orchestrator(
+            engine, Registry([ORDER]), clock=clock, outbox=OutboxWriter(notify_interval=60)
+        )
         for _ in range(5):
             orch.start("order", DATA)
         notes = list(listener.notifies(timeout=0.5))

@@ -58,7 +58,9 @@ def publish(amqp_url: str) -> Iterator[Callable[[bytes | str], None]]:
     declare_reply_queue(channel, QUEUE)
 
     def send(body: bytes | str) -> None:
-        channel.basic_publish("", QUEUE, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+        channel.basic_publish(
+            "", QUEUE, body, pika.BasicProperties(delivery_mode=2), mandatory=True
+        )
 
     yield send
     connection.close()
@@ -79,9 +81,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
 
 def history_count(engine: Engine, saga_id: str) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(
-            select(func.count()).select_from(history).where(history.c.saga_id == saga_id)
-        ).scalar_one())
+        return int(
+            conn.execute(
+                select(func.count()).select_from(history).where(history.c.saga_id == saga_id)
+            ).scalar_one()
+        )
 
 
 def dead_letters(amqp_url: str) -> list[tuple[bytes, str]]:
@@ -112,8 +116,11 @@ def test_replies_drive_the_saga_and_duplicates_are_absorbed(
 
 
 def test_bad_messages_are_dead_lettered_with_a_reason_and_traffic_goes_on(
-    orch: Orchestrator, engine: Engine, consumer: ReplyConsumer,
-    publish: Callable[[bytes | str], None], amqp_url: str,
+    orch: Orchestrator,
+    engine: Engine,
+    consumer: ReplyConsumer,
+    publish: Callable[[bytes | str], None],
+    amqp_url: str,
 ) -> None:
     saga_id = orch.start("order", DATA)
     publish(b"\xff\xfe not json")
@@ -122,7 +129,12 @@ def test_bad_messages_are_dead_lettered_with_a_reason_and_traffic_goes_on(
     publish(wire(reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})))
     wait_for(lambda: history_count(engine, saga_id) == 2)
     letters: list[tuple[bytes, str]] = []
-    wait_for(lambda: bool(letters.extend(dead_letters(amqp_url))) or len(letters) == 3)
+
+    def three_dead_letters() -> bool:
+        letters.extend(dead_letters(amqp_url))
+        return len(letters) == 3
+
+    wait_for(three_dead_letters)
     reasons = sorted(reason for _, reason in letters)
     assert any("not a UUID" in r for r in reasons)
     assert any("not JSON" in r for r in reasons)

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import Parallel, Registry, Retry, Saga, Step, data, result
+from orchestrator import Parallel, Registry, Retry, Saga, Step, result
 from orchestrator.events import (
     CompensationFailed,
     CompensationSucceeded,
@@ -32,13 +32,33 @@ SIMPLE = Saga(
     version=1,
     input={"x": int},
     steps=[
-        Step("a", "p1", "do_a", compensation="undo_a", result=("id",), timeout=5,
-             retry=Retry(max_attempts=2, initial=0.0)),
-        Step("b", "p2", "do_b", compensation="undo_b", payload={"id": result("a", "id")},
-             timeout=5, retry=Retry(max_attempts=3, initial=2.0)),
+        Step(
+            "a",
+            "p1",
+            "do_a",
+            compensation="undo_a",
+            result=("id",),
+            timeout=5,
+            retry=Retry(max_attempts=2, initial=0.0),
+        ),
+        Step(
+            "b",
+            "p2",
+            "do_b",
+            compensation="undo_b",
+            payload={"id": result("a", "id")},
+            timeout=5,
+            retry=Retry(max_attempts=3, initial=2.0),
+        ),
         Step("c", "p3", "check_c", read_only=True, timeout=5),
-        Step("d", "p4", "do_d", compensation="undo_d", timeout=5,
-             compensation_retry=Retry(max_attempts=3, initial=1.0, on_exhausted="park")),
+        Step(
+            "d",
+            "p4",
+            "do_d",
+            compensation="undo_d",
+            timeout=5,
+            compensation_retry=Retry(max_attempts=3, initial=1.0, on_exhausted="park"),
+        ),
     ],
 )
 
@@ -49,8 +69,14 @@ FANOUT = Saga(
     steps=[
         Step("first", "p1", "do_first", compensation="undo_first", timeout=3),
         Parallel(
-            Step("left", "p2", "do_left", compensation="undo_left", timeout=3,
-                 retry=Retry(max_attempts=2, initial=1.0)),
+            Step(
+                "left",
+                "p2",
+                "do_left",
+                compensation="undo_left",
+                timeout=3,
+                retry=Retry(max_attempts=2, initial=1.0),
+            ),
             Step("right", "p3", "do_right", compensation="undo_right", timeout=3),
             Step("mid", "p4", "look_mid", read_only=True, timeout=3),
         ),
@@ -122,7 +148,9 @@ class World:
                 and event.step == c.step
                 and event.attempt == prev.attempt
             ) or (isinstance(event, TimersDue) and prev.due is not None and prev.due <= self.now)
-            assert ended, f"attempt {c.attempt} of {c.step} sent while attempt {prev.attempt} was live"
+            assert ended, (
+                f"attempt {c.attempt} of {c.step} sent while attempt {prev.attempt} was live"
+            )
 
     def participant_handles(self, c: Command, behaviour: str) -> Event | None:
         """What the participant replies, given how it behaves this time."""
@@ -140,7 +168,9 @@ class World:
                     memory.outcome = behaviour  # succeeded | failed
             if memory.outcome == "succeeded":
                 return StepSucceeded(
-                    c.step, c.attempt, result={f: f"{c.step}-{f}" for f in step.result},
+                    c.step,
+                    c.attempt,
+                    result={f: f"{c.step}-{f}" for f in step.result},
                     message_id=_id(),
                 )
             if memory.outcome == "cancelled":
@@ -209,7 +239,9 @@ def test_a_saga_settles_consistently_whatever_the_world_does(
                 world.apply(message)
         else:
             wake = world.state.wake_at
-            assert wake is not None, f"{world.state.status} saga with nothing in flight and no timer"
+            assert wake is not None, (
+                f"{world.state.status} saga with nothing in flight and no timer"
+            )
             world.now = max(world.now, wake)
             world.apply(TimersDue())
     assert world.state.status in SETTLED
