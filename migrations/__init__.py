@@ -6,6 +6,7 @@ Alembic history in the same database is left alone):
 - ``outbox``: the outbox table; every database a relay serves has it.
 - ``orchestrator``: saga state, history and reply inbox (depends on ``outbox``).
 - ``participant``: a participant's command inbox (depends on ``outbox``).
+- ``example_<service>``: the business tables of each example service (schema ``examples``).
 
 Several branches may share one database (an order service that is both the saga's
 caller and a participant), since they depend on, never copy, the outbox branch.
@@ -20,7 +21,6 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 HERE = Path(__file__).resolve().parent
-BRANCHES = ("outbox", "orchestrator", "participant")
 
 
 def config(url: str) -> Config:
@@ -37,11 +37,14 @@ def upgrade(url: str, branch: str = "orchestrator", revision: str = "head") -> N
 
 
 def heads() -> dict[str, str]:
-    """The newest revision of each branch, for health checks and tests."""
+    """The newest revision of every branch, by branch label."""
     script = ScriptDirectory.from_config(config("postgresql://unused"))
+    labels = sorted(
+        {label for rev in script.walk_revisions() for label in (rev.branch_labels or ())}
+    )
     result: dict[str, str] = {}
-    for branch in BRANCHES:
-        head = script.get_revision(f"{branch}@head")
+    for label in labels:
+        head = script.get_revision(f"{label}@head")
         if head is not None:
-            result[branch] = head.revision
+            result[label] = head.revision
     return result

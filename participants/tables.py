@@ -1,4 +1,5 @@
-"""The participant's command inbox (schema ``sagabox``), created by Alembic branch ``participant``."""
+"""The participant's command inbox (schema ``sagabox``), created by Alembic branch
+``participant``."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ metadata = MetaData(schema=SCHEMA)
 command_inbox = Table(
     "command_inbox",
     metadata,
-    Column("saga_id", Uuid, nullable=False),
+    Column("saga_id", Uuid(as_uuid=False), nullable=False),
     Column("step", Text, nullable=False),
     Column("action", Text, nullable=False),
-    Column("message_id", Uuid, nullable=False),
+    Column("message_id", Uuid(as_uuid=False), nullable=False),
     Column("status", Text, nullable=False),
     Column("reply_type", Text, nullable=True),
     Column("reply_payload", JSONB, nullable=True),

@@ -35,9 +35,7 @@ def sagabox_argv(*args: str) -> list[str]:
 class Supervisor:
     log_dir: Path
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    processes: dict[str, tuple[ProcessSpec, subprocess.Popen[bytes]]] = field(
-        default_factory=dict
-    )
+    processes: dict[str, tuple[ProcessSpec, subprocess.Popen[bytes]]] = field(default_factory=dict)
 
     def start(self, spec: ProcessSpec) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,229 @@
+"""Payment: charges and refunds, plus a payment-gateway flow
+(check_risk -> check_pci_compliance -> authorize_payment -> settle_payment).
+
+Invariant: for every customer, ``accounts.balance`` + their active charges + their
+open or settled authorizations never changes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    Uuid,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from participants import BusinessFailure, Context, Participant, Payload
+from participants.examples import SCHEMA
+
+# Amounts above this are refused by the risk check.
+RISK_LIMIT = 10_000
+
+metadata = MetaData(schema=SCHEMA)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("customer", Text, primary_key=True),
+    Column("balance", Integer, nullable=False),
+    CheckConstraint("balance >= 0", name="accounts_balance_not_negative"),
+)
+
+charges = Table(
+    "charges",
+    metadata,
+    Column("saga_id", Uuid, nullable=False),
+    Column("step", Text, nullable=False),
+    Column("charge_id", Uuid, nullable=False, unique=True),
+    Column("customer", Text, nullable=False),
+    Column("amount", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("refunded_at", DateTime(timezone=True), nullable=True),
+    PrimaryKeyConstraint("saga_id", "step", name="charges_pkey"),
+)
+
+authorizations = Table(
+    "authorizations",
+    metadata,
+    Column("saga_id", Uuid, nullable=False),
+    Column("step", Text, nullable=False),
+    Column("authorization_id", Uuid, nullable=False, unique=True),
+    Column("customer", Text, nullable=False),
+    Column("amount", Integer, nullable=False),
+    # 'authorized', then 'settled' or 'voided'
+    Column("status", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("saga_id", "step", name="authorizations_pkey"),
+)
+
+payment = Participant("payment")
+
+
+@payment.command("charge_payment", compensation="refund_payment")
+def charge_payment(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    customer, amount = str(payload["customer"]), _amount(payload)
+    _debit(session, customer, amount)
+    charge_id = uuid.uuid4()
+    session.execute(
+        charges.insert().values(
+            saga_id=uuid.UUID(ctx.saga_id),
+            step=ctx.step,
+            charge_id=charge_id,
+            customer=customer,
+            amount=amount,
+        )
+    )
+    return {"charge_id": str(charge_id), "amount": amount}
+
+
+@payment.compensation("refund_payment")
+def refund_payment(session: Session, payload: Payload, ctx: Context) -> None:
+    refunded = session.execute(
+        update(charges)
+        .where(
+            charges.c.saga_id == uuid.UUID(ctx.saga_id),
+            charges.c.step == ctx.step,
+            charges.c.refunded_at.is_(None),
+        )
+        .values(refunded_at=func.now())
+        .returning(charges.c.customer, charges.c.amount)
+    ).first()
+    if refunded is not None:
+        _credit(session, refunded.customer, refunded.amount)
+
+
+@payment.command("check_risk")
+def check_risk(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    amount = _amount(payload)
+    if amount > RISK_LIMIT:
+        raise BusinessFailure(f"amount {amount} is above the risk limit {RISK_LIMIT}")
+    return {"score": round(amount / RISK_LIMIT, 3)}
+
+
+@payment.command("check_pci_compliance")
+def check_pci_compliance(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    card = str(payload.get("card", ""))
+    if not card.startswith("tok_"):
+        raise BusinessFailure("card data must be a gateway token (tok_...), never a card number")
+    return {"compliant": True}
+
+
+@payment.command("authorize_payment", compensation="void_authorization")
+def authorize_payment(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    customer, amount = str(payload["customer"]), _amount(payload)
+    _debit(session, customer, amount)
+    authorization_id = uuid.uuid4()
+    session.execute(
+        authorizations.insert().values(
+            saga_id=uuid.UUID(ctx.saga_id),
+            step=ctx.step,
+            authorization_id=authorization_id,
+            customer=customer,
+            amount=amount,
+            status="authorized",
+        )
+    )
+    return {"authorization_id": str(authorization_id)}
+
+
+@payment.compensation("void_authorization")
+def void_authorization(session: Session, payload: Payload, ctx: Context) -> None:
+    voided = session.execute(
+        update(authorizations)
+        .where(
+            authorizations.c.saga_id == uuid.UUID(ctx.saga_id),
+            authorizations.c.step == ctx.step,
+            authorizations.c.status == "authorized",
+        )
+        .values(status="voided")
+        .returning(authorizations.c.customer, authorizations.c.amount)
+    ).first()
+    if voided is not None:
+        _credit(session, voided.customer, voided.amount)
+
+
+@payment.command("settle_payment")
+def settle_payment(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    """The pivot of the gateway flow: once settled, an authorization cannot be voided."""
+    settled = session.execute(
+        update(authorizations)
+        .where(
+            authorizations.c.authorization_id == uuid.UUID(str(payload["authorization_id"])),
+            authorizations.c.status == "authorized",
+        )
+        .values(status="settled")
+        .returning(authorizations.c.amount)
+    ).first()
+    if settled is None:
+        raise BusinessFailure("no open authorization to settle")
+    return {"settled": settled.amount}
+
+
+def open_account(session: Session, customer: str, balance: int) -> None:
+    session.execute(
+        insert(accounts)
+        .values(customer=customer, balance=balance)
+        .on_conflict_do_update(index_elements=["customer"], set_={"balance": balance})
+    )
+
+
+def balance(session: Session, customer: str) -> int:
+    return int(
+        session.scalar(select(accounts.c.balance).where(accounts.c.customer == customer)) or 0
+    )
+
+
+def held(session: Session, customer: str) -> int:
+    """What the customer paid and was not given back: active charges and authorizations."""
+    charged = session.scalar(
+        select(func.coalesce(func.sum(charges.c.amount), 0)).where(
+            charges.c.customer == customer, charges.c.refunded_at.is_(None)
+        )
+    )
+    authorized = session.scalar(
+        select(func.coalesce(func.sum(authorizations.c.amount), 0)).where(
+            authorizations.c.customer == customer,
+            authorizations.c.status.in_(["authorized", "settled"]),
+        )
+    )
+    return int(charged or 0) + int(authorized or 0)
+
+
+def _amount(payload: Payload) -> int:
+    amount = int(payload["amount"])
+    if amount <= 0:
+        raise BusinessFailure(f"amount must be positive, got {amount}")
+    return amount
+
+
+def _debit(session: Session, customer: str, amount: int) -> None:
+    debited = session.execute(
+        update(accounts)
+        .where(accounts.c.customer == customer, accounts.c.balance >= amount)
+        .values(balance=accounts.c.balance - amount)
+        .returning(accounts.c.balance)
+    ).first()
+    if debited is None:
+        raise BusinessFailure(f"insufficient funds for {customer}")
+
+
+def _credit(session: Session, customer: str, amount: int) -> None:
+    session.execute(
+        update(accounts)
+        .where(accounts.c.customer == customer)
+        .values(balance=accounts.c.balance + amount)
+    )

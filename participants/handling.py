@@ -1,0 +1,145 @@
+"""Handling one command or compensation inside one local transaction.
+
+The transaction (an Inbox: store.PostgresInbox, or testing.MemoryInbox):
+
+1. claims the idempotency key (saga id, step, action) in the inbox; a duplicate, or a
+   new attempt of a step already answered, gets the stored reply and nothing runs
+   (except after 'compensation_failed', which is not stored: compensations are retried);
+2. runs the handler in a savepoint, so a BusinessFailure undoes the business effects
+   but keeps the inbox row and its 'failed' reply;
+3. stores the reply on the inbox row and adds it to the outbox.
+
+A compensation first claims its own key, then the command's as a tombstone: if that
+insert succeeds the command never ran (cancel-before-do), and the late command will
+find the tombstone and be refused with 'cancelled'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from sqlalchemy.orm import Session
+
+from outbox_relay.errors import MessageError
+from outbox_relay.message import Envelope
+from participants.context import Context, Handler
+from participants.errors import BusinessFailure
+from participants.inbox import CANCELLED, Inbox, InboxKey, StoredReply
+from participants.replies import failed, reply_to, succeeded
+
+log = structlog.get_logger(__name__)
+
+
+def resolve(handlers: Mapping[str, Handler], envelope: Envelope) -> Handler:
+    """The handler for ``envelope``, or MessageError if this participant cannot take it."""
+    handler = handlers.get(envelope.type)
+    if handler is None:
+        raise MessageError(f"no handler for {envelope.kind} {envelope.type!r}")
+    if envelope.kind != handler.action:
+        raise MessageError(f"{envelope.type!r} is a {handler.action}, got kind {envelope.kind!r}")
+    if envelope.reply_to is None:
+        raise MessageError(f"{envelope.kind} has no 'reply_to' queue to answer on")
+    return handler
+
+
+def handle(
+    service: str,
+    handlers: Mapping[str, Handler],
+    session: Session,
+    envelope: Envelope,
+    inbox: Inbox,
+) -> Envelope:
+    """Apply ``envelope`` at most once and add its reply to the outbox; return the reply.
+
+    Runs in the caller's transaction; the caller commits. Raises MessageError for a
+    message this participant cannot take, and lets technical errors through.
+    """
+    handler = resolve(handlers, envelope)
+    if handler.action == "command":
+        stored = _command(service, handler, session, envelope, inbox)
+    else:
+        stored = _compensation(service, handler, session, envelope, inbox)
+    reply = reply_to(envelope, stored)
+    assert envelope.reply_to is not None  # resolve() checked it
+    inbox.send(reply, envelope.reply_to)
+    return reply
+
+
+def _command(
+    service: str, handler: Handler, session: Session, envelope: Envelope, inbox: Inbox
+) -> StoredReply:
+    key = InboxKey(envelope.correlation_id, envelope.step, "command")
+    existing = inbox.claim(key, envelope.message_id)
+    if existing is not None:
+        if existing.status == "tombstone":
+            log.info("command_cancelled", reason="compensated before it arrived")
+        else:
+            log.info(
+                "inbox_duplicate_skipped",
+                first_message_id=existing.message_id,
+                reply_type=existing.reply.type,
+            )
+        return existing.reply
+    stored = _run(service, handler, session, envelope, inbox)
+    inbox.record(key, stored)
+    return stored
+
+
+def _compensation(
+    service: str, handler: Handler, session: Session, envelope: Envelope, inbox: Inbox
+) -> StoredReply:
+    key = InboxKey(envelope.correlation_id, envelope.step, "compensation")
+    existing = inbox.claim(key, envelope.message_id)
+    if existing is not None:
+        log.info(
+            "inbox_duplicate_skipped",
+            first_message_id=existing.message_id,
+            reply_type=existing.reply.type,
+        )
+        return existing.reply
+    command_key = InboxKey(envelope.correlation_id, envelope.step, "command")
+    command = inbox.claim(command_key, envelope.message_id, status="tombstone", reply=CANCELLED)
+    if command is None:
+        log.info("command_tombstoned")
+        stored = StoredReply("compensated", {"skipped": "the command was never applied"})
+    elif command.status == "done" and command.reply.type == "succeeded":
+        result = command.reply.payload.get("result")
+        stored = _run(service, handler, session, envelope, inbox, command_result=result)
+        if stored.type == "compensation_failed":
+            # Not stored: the orchestrator retries a compensation until it succeeds, and
+            # each attempt must run the handler again (docs/messages.md).
+            inbox.release(key)
+            return stored
+    else:
+        log.info("compensation_skipped", command_reply=command.reply.type)
+        stored = StoredReply(
+            "compensated", {"skipped": f"the command was not applied ({command.reply.type})"}
+        )
+    inbox.record(key, stored)
+    return stored
+
+
+def _run(
+    service: str,
+    handler: Handler,
+    session: Session,
+    envelope: Envelope,
+    inbox: Inbox,
+    *,
+    command_result: Mapping[str, Any] | None = None,
+) -> StoredReply:
+    ctx = Context.of(service, envelope, command_result)
+    try:
+        with inbox.savepoint():
+            result = handler.fn(session, envelope.payload, ctx)
+    except BusinessFailure as e:
+        log.info(f"{handler.action}_refused", reason=e.reason)
+        if handler.action == "compensation":
+            return StoredReply("compensation_failed", {"reason": e.reason})
+        return failed(e.reason)
+    log.info(f"{handler.action}_applied")
+    if handler.action == "compensation":
+        return StoredReply("compensated", {})
+    return succeeded(result)

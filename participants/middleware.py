@@ -1,0 +1,154 @@
+"""The dramatiq middleware every bound participant gets (one instance per broker).
+
+- binds the saga's correlation id, message id, ... with structlog contextvars while a
+  message is handled, and clears them afterwards;
+- rejects a message whose envelope is invalid before its actor runs: it goes to the
+  dead-letter queue (``<queue>.XQ``) at once, with no retries;
+- logs every dead-lettered message and, best effort, replies 'error' so the
+  orchestrator need not wait for the step's timeout.
+
+Bodies that are not JSON never reach a middleware: dramatiq's RabbitMQ consumer logs
+"Failed to decode message" and dead-letters them itself; participants.broker does the
+same for JSON whose dramatiq fields have the wrong types.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from dramatiq import Broker, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.common import xq_name
+from dramatiq.errors import ActorNotFound
+from dramatiq.middleware import SkipMessage
+from structlog.contextvars import bind_contextvars, bound_contextvars, unbind_contextvars
+
+from outbox_relay.errors import MessageError
+from outbox_relay.message import Envelope
+
+if TYPE_CHECKING:
+    from participants.worker import Binding
+
+log = structlog.get_logger(__name__)
+
+CONTEXT_KEYS = (
+    "service",
+    "correlation_id",
+    "message_id",
+    "causation_id",
+    "saga",
+    "step",
+    "attempt",
+    "type",
+)
+
+
+def log_context(service: str, envelope: Envelope) -> dict[str, Any]:
+    """What every log line about ``envelope`` carries."""
+    return {
+        "service": service,
+        "correlation_id": envelope.correlation_id,
+        "message_id": envelope.message_id,
+        "causation_id": envelope.causation_id,
+        "saga": envelope.saga,
+        "step": envelope.step,
+        "attempt": envelope.attempt,
+        "type": envelope.type,
+    }
+
+
+class Rejected(SkipMessage):
+    """Raised by the middleware to dead-letter a message that breaks the contract."""
+
+
+class ParticipantMiddleware(Middleware):
+    """Message context, early rejection and dead-letter reporting for bound participants."""
+
+    def __init__(self) -> None:
+        self.by_actor: dict[str, Binding] = {}
+        self.by_queue: dict[str, Binding] = {}
+
+    def add(self, binding: Binding) -> None:
+        for name in binding.participant.handlers:
+            self.by_actor[name] = binding
+        self.by_queue[binding.participant.name] = binding
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        binding = self.by_actor.get(message.actor_name)
+        if binding is None:
+            return
+        try:
+            envelope = binding.parse(message.args, message.kwargs)
+        except MessageError as e:
+            log.error(
+                "message_rejected",
+                service=binding.participant.name,
+                message_id=message.message_id,
+                queue=message.queue_name,
+                actor=message.actor_name,
+                reason=str(e),
+                dead_letter_queue=xq_name(message.queue_name),
+            )
+            # A failed message is nacked, and RabbitMQ moves it to <queue>.XQ.
+            message.fail()
+            raise Rejected(str(e)) from e
+        bind_contextvars(**log_context(binding.participant.name, envelope))
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        unbind_contextvars(*CONTEXT_KEYS)
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        unbind_contextvars(*CONTEXT_KEYS)
+
+    def before_nack(self, broker: Broker, message: MessageProxy) -> None:
+        binding = self.by_queue.get(message.queue_name)
+        if binding is None:
+            return
+        exception = message._exception
+        if isinstance(exception, Rejected):
+            return  # rejected in before_process_message, already logged
+        try:
+            envelope = binding.parse(message.args, message.kwargs, resolve_handler=False)
+        except MessageError as e:
+            log.error(
+                "message_rejected",
+                service=binding.participant.name,
+                message_id=message.message_id,
+                queue=message.queue_name,
+                actor=message.actor_name,
+                reason=f"{_describe(exception)}; {e}",
+            )
+            return
+        with bound_contextvars(**log_context(binding.participant.name, envelope)):
+            if isinstance(exception, ActorNotFound | MessageError):
+                log.error(
+                    "message_rejected",
+                    reason=_describe(exception),
+                    queue=message.queue_name,
+                    actor=message.actor_name,
+                )
+            else:
+                log.error(
+                    "command_dead_lettered",
+                    error=_describe(exception),
+                    # dramatiq counts every failed delivery, the first one included.
+                    failed_deliveries=message.options.get("retries"),
+                    dead_letter_queue=xq_name(message.queue_name),
+                )
+            binding.reply_failure(envelope, _describe(exception))
+
+
+def _describe(exception: BaseException | None) -> str:
+    if exception is None:
+        return "failed"
+    if isinstance(exception, ActorNotFound):
+        return f"unknown actor: {exception}"
+    return f"{type(exception).__name__}: {exception}"[:1000]

@@ -1,0 +1,67 @@
+"""Building reply envelopes and their outbox rows (pure functions)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from outbox_relay.errors import MessageError
+from outbox_relay.message import REPLY_ACTOR, Envelope, ReplyType, encode
+from outbox_relay.table import OutgoingMessage
+from participants.inbox import StoredReply
+
+
+def reply_to(
+    command: Envelope,
+    reply: StoredReply,
+    *,
+    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    clock: Callable[[], float] = time.time,
+) -> Envelope:
+    """The reply to ``command``: a new message id, caused by this very command.
+
+    A re-emitted stored reply goes through here too, so it carries the attempt and
+    causation of the duplicate it answers, which is how the orchestrator matches it.
+    """
+    if command.reply_to is None:
+        raise MessageError("the command has no 'reply_to' queue to answer on")
+    return Envelope(
+        message_id=new_id(),
+        correlation_id=command.correlation_id,
+        causation_id=command.message_id,
+        saga=command.saga,
+        version=command.version,
+        step=command.step,
+        attempt=command.attempt,
+        kind="reply",
+        type=reply.type,
+        payload=dict(reply.payload),
+        reply_to=None,
+        sent_at=clock(),
+    )
+
+
+def outgoing(reply: Envelope, destination: str) -> OutgoingMessage:
+    """The outbox row carrying ``reply`` to the orchestrator's reply queue."""
+    return OutgoingMessage(
+        message_id=reply.message_id,
+        correlation_id=reply.correlation_id,
+        destination=destination,
+        body=encode(reply, queue=destination, actor=REPLY_ACTOR),
+    )
+
+
+def technical_failure(command: Envelope, reason: str) -> StoredReply:
+    """What a message that exhausted its retries answers ('error' for a command)."""
+    type_: ReplyType = "compensation_failed" if command.kind == "compensation" else "error"
+    return StoredReply(type_, {"reason": reason})
+
+
+def succeeded(result: Mapping[str, Any] | None) -> StoredReply:
+    return StoredReply("succeeded", {"result": dict(result or {})})
+
+
+def failed(reason: str) -> StoredReply:
+    return StoredReply("failed", {"reason": reason})

@@ -1,0 +1,253 @@
+"""Binding participants to a dramatiq broker and a database, and running a worker.
+
+Library code never calls ``dramatiq.set_broker``: an entry point builds the broker
+and the engine, then binds each participant:
+
+    broker = RabbitmqBroker(url=amqp_url)
+    engine = create_engine(database_url)
+    inventory.bind(broker, engine, retries=RetryPolicy(max_retries=5))
+    broker.add_middleware(InboxPurge(engine, retention=timedelta(days=7)))
+
+``run`` does all of that and runs a dramatiq Worker until told to stop; it is what
+``sagabox participant MODULE`` runs in each of its processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from dramatiq import Actor, Broker, Middleware, Worker
+from dramatiq.middleware import Retries
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from outbox_relay.errors import MessageError
+from outbox_relay.message import Envelope, envelope_from_dict
+from outbox_relay.table import OutboxWriter
+from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
+from participants.broker import ParticipantBroker
+from participants.errors import DefinitionError
+from participants.handling import resolve
+from participants.middleware import ParticipantMiddleware
+from participants.participant import Participant
+from participants.replies import reply_to, technical_failure
+from participants.store import PostgresInbox, purge_inbox
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RETENTION = timedelta(days=7)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """dramatiq's Retries options for a participant's actors (backoffs in milliseconds)."""
+
+    max_retries: int = 5
+    min_backoff_ms: int = 1000
+    max_backoff_ms: int = 300_000
+
+    def actor_options(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "min_backoff": self.min_backoff_ms,
+            "max_backoff": self.max_backoff_ms,
+            # A message that breaks the contract will not get better: dead-letter it now.
+            "throws": (MessageError,),
+        }
+
+
+@dataclass
+class Binding:
+    """A participant bound to a broker and a database: its actors and how they handle."""
+
+    participant: Participant
+    broker: Broker
+    engine: Engine
+    writer: OutboxWriter = field(default_factory=OutboxWriter)
+    actors: dict[str, Actor[..., None]] = field(default_factory=dict)
+
+    def parse(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, resolve_handler: bool = True
+    ) -> Envelope:
+        """The envelope a dramatiq message carries, or MessageError saying why not."""
+        if kwargs or len(args) != 1:
+            raise MessageError("a sagabox message has exactly one argument, the envelope")
+        envelope = envelope_from_dict(args[0])
+        if resolve_handler:
+            resolve(self.participant.handlers, envelope)
+        return envelope
+
+    def process(self, *args: Any, **kwargs: Any) -> None:
+        """The body of every actor: one transaction per message."""
+        envelope = self.parse(args, kwargs)
+        with Session(self.engine) as session, session.begin():
+            self.participant.handle(session, envelope, writer=self.writer)
+
+    def reply_failure(self, envelope: Envelope, reason: str) -> None:
+        """Best effort: tell the orchestrator that ``envelope`` was dead-lettered.
+
+        Not stored in the inbox: nothing was applied, so a later attempt may still run.
+        """
+        if envelope.kind == "reply" or envelope.reply_to is None:
+            return
+        try:
+            reply = reply_to(envelope, technical_failure(envelope, reason))
+            with Session(self.engine) as session, session.begin():
+                PostgresInbox(session, self.writer).send(reply, envelope.reply_to)
+        except Exception:
+            log.exception("error_reply_failed")
+        else:
+            log.info("error_reply_written", reply_id=reply.message_id, reply_type=reply.type)
+
+
+def bind(
+    participant: Participant,
+    broker: Broker,
+    engine: Engine,
+    *,
+    retries: RetryPolicy | None = None,
+) -> Binding:
+    """Declare one actor per command and compensation of ``participant`` on ``broker``."""
+    participant.validate()
+    binding = Binding(participant, broker, engine)
+    options = (retries or RetryPolicy()).actor_options()
+    for name in participant.handlers:
+        binding.actors[name] = Actor(
+            binding.process,
+            broker=broker,
+            actor_name=name,
+            queue_name=participant.name,
+            priority=0,
+            options=dict(options),
+        )
+    _middleware(broker).add(binding)
+    return binding
+
+
+def _middleware(broker: Broker) -> ParticipantMiddleware:
+    for middleware in broker.middleware:
+        if isinstance(middleware, ParticipantMiddleware):
+            return middleware
+    middleware = ParticipantMiddleware()
+    # Before Retries: after-hooks run in reverse order, so Retries' after_process_message
+    # (which logs the retry or the dead-lettering) runs before ours clears the log context.
+    has_retries = any(isinstance(m, Retries) for m in broker.middleware)
+    broker.add_middleware(middleware, before=Retries if has_retries else None)
+    return middleware
+
+
+class InboxPurge(Middleware):
+    """Purges inbox rows older than ``retention`` every ``interval`` seconds, in a thread
+    started when the dramatiq worker boots (also under the ``dramatiq`` CLI)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retention: timedelta = DEFAULT_RETENTION,
+        interval: float = 300.0,
+        batch_size: int = 1000,
+    ) -> None:
+        self.engine = engine
+        self.retention = retention
+        self.interval = interval
+        self.batch_size = batch_size
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="inbox-purge", daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def purge_once(self) -> int:
+        try:
+            deleted = purge_inbox(self.engine, self.retention, batch_size=self.batch_size)
+        except Exception:
+            log.exception("inbox_purge_failed")
+            return 0
+        if deleted:
+            log.info("inbox_purged", deleted=deleted, retention=self.retention.total_seconds())
+        return deleted
+
+    def _loop(self) -> None:
+        while True:
+            self.purge_once()
+            if self._stop.wait(self.interval):
+                return
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """What one worker process needs (built from ParticipantSettings by the entry point)."""
+
+    database_url: str
+    amqp_url: str
+    threads: int = 8
+    retention: timedelta = DEFAULT_RETENTION
+    purge_interval: float = 300.0
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    # Must match the relay's SAGABOX_QUORUM_QUEUES / SAGABOX_QUORUM_DELIVERY_LIMIT.
+    quorum_queues: bool = False
+    quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+
+
+def load(module_name: str) -> list[Participant]:
+    """The participants a module declares at its top level."""
+    module = importlib.import_module(module_name)
+    found = [value for value in vars(module).values() if isinstance(value, Participant)]
+    if not found:
+        raise DefinitionError(f"module {module_name!r} declares no Participant")
+    return found
+
+
+def build(
+    participants: Sequence[Participant], config: WorkerConfig
+) -> tuple[ParticipantBroker, Engine]:
+    """A broker with every participant bound and the inbox purge attached, and its engine."""
+    engine = create_engine(
+        config.database_url,
+        pool_size=config.threads + 1,
+        max_overflow=config.threads,
+        pool_pre_ping=True,
+    )
+    topology = (
+        Topology(quorum=True, delivery_limit=config.quorum_delivery_limit)
+        if config.quorum_queues
+        else None
+    )
+    broker = ParticipantBroker(url=config.amqp_url, topology=topology)
+    for participant in participants:
+        participant.bind(broker, engine, retries=config.retries)
+    broker.add_middleware(
+        InboxPurge(engine, retention=config.retention, interval=config.purge_interval)
+    )
+    return broker, engine
+
+
+def run(participants: Sequence[Participant], config: WorkerConfig, stop: threading.Event) -> None:
+    """Consume the participants' queues until ``stop`` is set, then shut down cleanly."""
+    broker, engine = build(participants, config)
+    worker = Worker(broker, worker_threads=config.threads)
+    worker.start()
+    queues = sorted(p.name for p in participants)
+    log.info("participant_worker_started", queues=queues, threads=config.threads)
+    try:
+        stop.wait()
+    finally:
+        worker.stop()
+        broker.close()
+        engine.dispose()
+        log.info("participant_worker_stopped", queues=queues)

@@ -1,0 +1,85 @@
+"""``sagabox participant MODULE``: run the participant(s) MODULE declares as a dramatiq
+worker until SIGTERM (settings: SAGABOX_PARTICIPANT_*, see docs/participants.md)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from participants import worker
+from sagabox import logs
+from sagabox.settings.participant import ParticipantSettings
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "participant",
+        help="run a participant service's dramatiq worker (see docs/participants.md)",
+        description=__doc__,
+    )
+    parser.add_argument(
+        "module", help="the module declaring the Participant(s), e.g. participants.examples.payment"
+    )
+    parser.add_argument("--processes", type=int, help="worker processes (default 1)")
+    parser.add_argument("--threads", type=int, help="worker threads per process (default 8)")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    settings = ParticipantSettings.from_env()
+    settings = dataclasses.replace(
+        settings,
+        processes=max(1, args.processes or settings.processes),
+        threads=max(1, args.threads or settings.threads),
+    )
+    worker.load(args.module)  # fail here, once, if the module declares no participant
+    if settings.processes == 1:
+        serve(args.module, settings)
+        return 0
+    return supervise(args.module, settings)
+
+
+def serve(module: str, settings: ParticipantSettings) -> None:
+    """One worker process: logging, then consume until SIGTERM or SIGINT."""
+    participants = worker.load(module)
+    service = "+".join(p.name for p in participants)
+    logs.configure(service, level=settings.log_level, log_file=settings.log_file)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        structlog.get_logger().info("participant_stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    worker.run(participants, settings.worker_config(), stop)
+
+
+def supervise(module: str, settings: ParticipantSettings) -> int:
+    """Run ``settings.processes`` worker processes and stop them all on SIGTERM/SIGINT."""
+    # spawn, not fork: each child builds its own connections and threads from scratch.
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=serve, args=(module, settings), name=f"participant-{i}")
+        for i in range(settings.processes)
+    ]
+
+    def forward(signum: int, _: FrameType | None) -> None:
+        for child in children:
+            if child.is_alive() and child.pid is not None:
+                child.terminate()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+    return 0 if all(child.exitcode in (0, -signal.SIGTERM) for child in children) else 1

@@ -1,0 +1,357 @@
+"""The participants SDK against PostgreSQL: one transaction per message, at most once.
+
+Uses the inventory example (its tables come from Alembic branch example_inventory)
+and a probe participant whose handler writes a visible effect before deciding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.orm import Session
+
+import migrations
+from outbox_relay.message import REPLY_ACTOR, Envelope, decode
+from outbox_relay.table import outbox
+from participants import BusinessFailure, Context, Participant, Payload, purge_inbox
+from participants.examples import BRANCHES
+from participants.examples.inventory import add_stock, available, inventory, reserved, stock
+from participants.tables import command_inbox
+from participants.testing import command, compensation, retry
+from participants.worker import InboxPurge
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def examples_template(template_db: str) -> Iterator[str]:
+    """The session template plus every example service's branch, copied once per module."""
+    name = f"sagabox_ptpl_{uuid.uuid4().hex[:10]}"
+    servers.admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        for branch in BRANCHES:
+            migrations.upgrade(servers.database_url(name), branch)
+        yield name
+    finally:
+        servers.drop_database(name)
+
+
+@pytest.fixture
+def engine(examples_template: str) -> Iterator[Engine]:
+    with servers.database_from(examples_template) as url:
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        yield engine
+        engine.dispose()
+
+
+class Probe:
+    """A participant whose command adds a stock row (a visible effect), then decides."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+        self.participant = probe = Participant("probe")
+
+        @probe.command("probe_do", compensation="probe_undo")
+        def do(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+            with self.lock:
+                self.calls.append(f"do:{ctx.attempt}")
+            add_stock(session, f"probe-{ctx.saga_id}", 1)
+            time.sleep(float(payload.get("sleep", 0)))
+            if payload.get("refuse"):
+                raise BusinessFailure("refused after writing")
+            if payload.get("crash"):
+                raise RuntimeError("crashed after writing")
+            return {"calls": len(self.calls)}
+
+        @probe.compensation("probe_undo")
+        def undo(session: Session, payload: Payload, ctx: Context) -> None:
+            with self.lock:
+                self.calls.append("undo")
+            session.execute(stock.delete().where(stock.c.sku == f"probe-{ctx.saga_id}"))
+            if payload.get("refuse"):
+                raise BusinessFailure("cannot undo yet")
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+def handle(engine: Engine, participant: Participant, envelope: Envelope) -> Envelope:
+    with Session(engine) as session, session.begin():
+        return participant.handle(session, envelope)
+
+
+def replies(engine: Engine, saga_id: str) -> list[tuple[str, Envelope]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(outbox.c.destination, outbox.c.body, outbox.c.message_id)
+            .where(outbox.c.correlation_id == uuid.UUID(saga_id))
+            .order_by(outbox.c.id)
+        ).all()
+    result = []
+    for row in rows:
+        envelope = decode(row.body)
+        assert str(row.message_id) == envelope.message_id
+        result.append((row.destination, envelope))
+    return result
+
+
+def inbox_rows(engine: Engine, saga_id: str) -> dict[str, tuple[str, str | None]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(command_inbox).where(command_inbox.c.saga_id == uuid.UUID(saga_id))
+        ).all()
+    return {row.action: (row.status, row.reply_type) for row in rows}
+
+
+def probe_effect(engine: Engine, saga_id: str) -> int:
+    with Session(engine) as session:
+        return available(session, f"probe-{saga_id}")
+
+
+def seed(engine: Engine, sku: str = "apple", qty: int = 10) -> None:
+    with Session(engine) as session, session.begin():
+        add_stock(session, sku, qty)
+
+
+def test_a_command_writes_one_inbox_row_its_effect_and_one_reply(engine: Engine) -> None:
+    seed(engine)
+    cmd = command("reserve_stock", {"sku": "apple", "qty": 3}, step="reserve", reply_to="orders.r")
+    reply = handle(engine, inventory, cmd)
+    assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
+    with Session(engine) as session:
+        assert (available(session, "apple"), reserved(session, "apple")) == (7, 3)
+    [(destination, sent)] = replies(engine, cmd.correlation_id)
+    assert destination == "orders.r"
+    assert sent == reply
+    assert (sent.kind, sent.type, sent.causation_id, sent.step, sent.attempt) == (
+        "reply",
+        "succeeded",
+        cmd.message_id,
+        "reserve",
+        1,
+    )
+    assert set(sent.payload["result"]) == {"reservation_id", "sku", "qty"}
+    with engine.connect() as conn:
+        body = conn.execute(select(outbox.c.body)).scalar_one()
+    assert f'"actor_name":"{REPLY_ACTOR}"' in body
+
+
+def test_a_duplicate_delivery_applies_nothing_and_re_emits_the_reply(engine: Engine) -> None:
+    seed(engine)
+    cmd = command("reserve_stock", {"sku": "apple", "qty": 3})
+    first = handle(engine, inventory, cmd)
+    second = handle(engine, inventory, cmd)
+    with Session(engine) as session:
+        assert (available(session, "apple"), reserved(session, "apple")) == (7, 3)
+    sent = [envelope for _, envelope in replies(engine, cmd.correlation_id)]
+    assert sent == [first, second]
+    assert second.message_id != first.message_id
+    assert (second.type, second.payload, second.causation_id) == (
+        "succeeded",
+        first.payload,
+        cmd.message_id,
+    )
+
+
+def test_a_new_attempt_after_a_timeout_gets_the_stored_reply(engine: Engine) -> None:
+    seed(engine)
+    cmd = command("reserve_stock", {"sku": "apple", "qty": 3})
+    first = handle(engine, inventory, cmd)
+    again = retry(cmd)
+    second = handle(engine, inventory, again)
+    with Session(engine) as session:
+        assert available(session, "apple") == 7
+    assert (second.attempt, second.causation_id, second.payload) == (
+        2,
+        again.message_id,
+        first.payload,
+    )
+    assert len(replies(engine, cmd.correlation_id)) == 2
+
+
+def test_a_business_failure_rolls_back_effects_and_keeps_the_failed_reply(
+    engine: Engine, probe: Probe
+) -> None:
+    cmd = command("probe_do", {"refuse": True})
+    reply = handle(engine, probe.participant, cmd)
+    assert (reply.type, dict(reply.payload)) == ("failed", {"reason": "refused after writing"})
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "failed")}
+    assert handle(engine, probe.participant, retry(cmd)).type == "failed"
+    assert probe.calls == ["do:1"]
+
+
+def test_out_of_stock_is_a_business_failure(engine: Engine) -> None:
+    seed(engine, qty=1)
+    reply = handle(engine, inventory, command("reserve_stock", {"sku": "apple", "qty": 2}))
+    assert (reply.type, reply.payload["reason"]) == ("failed", "out of stock: apple")
+
+
+def test_a_technical_error_rolls_everything_back(engine: Engine, probe: Probe) -> None:
+    cmd = command("probe_do", {"crash": True})
+    with pytest.raises(RuntimeError):
+        handle(engine, probe.participant, cmd)
+    assert inbox_rows(engine, cmd.correlation_id) == {}
+    assert replies(engine, cmd.correlation_id) == []
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    # dramatiq's retry of the same message then applies it.
+    ok = Envelope(**{**cmd.to_dict(), "payload": {}})
+    assert handle(engine, probe.participant, ok).type == "succeeded"
+    assert probe_effect(engine, cmd.correlation_id) == 1
+
+
+def test_compensation_before_the_command_leaves_a_tombstone(engine: Engine, probe: Probe) -> None:
+    cmd = command("probe_do")
+    comp = compensation("probe_undo", cmd)
+    assert handle(engine, probe.participant, comp).type == "compensated"
+    assert inbox_rows(engine, cmd.correlation_id) == {
+        "command": ("tombstone", "cancelled"),
+        "compensation": ("done", "compensated"),
+    }
+    late = handle(engine, probe.participant, cmd)
+    assert (late.type, late.causation_id) == ("cancelled", cmd.message_id)
+    assert handle(engine, probe.participant, retry(cmd)).type == "cancelled"
+    assert probe.calls == []
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert [e.type for _, e in replies(engine, cmd.correlation_id)] == [
+        "compensated",
+        "cancelled",
+        "cancelled",
+    ]
+
+
+def test_compensation_after_the_command_undoes_it_once(engine: Engine) -> None:
+    seed(engine)
+    cmd = command("reserve_stock", {"sku": "apple", "qty": 4})
+    handle(engine, inventory, cmd)
+    comp = compensation("release_stock", cmd)
+    assert handle(engine, inventory, comp).type == "compensated"
+    duplicate = handle(engine, inventory, retry(comp))
+    assert (duplicate.type, duplicate.attempt) == ("compensated", 2)
+    with Session(engine) as session:
+        assert (available(session, "apple"), reserved(session, "apple")) == (10, 0)
+
+
+def test_compensation_of_a_failed_command_does_not_call_the_handler(
+    engine: Engine, probe: Probe
+) -> None:
+    cmd = command("probe_do", {"refuse": True})
+    handle(engine, probe.participant, cmd)
+    assert handle(engine, probe.participant, compensation("probe_undo", cmd)).type == (
+        "compensated"
+    )
+    assert probe.calls == ["do:1"]
+
+
+def test_a_refused_compensation_keeps_the_effect_and_is_retried(
+    engine: Engine, probe: Probe
+) -> None:
+    cmd = command("probe_do")
+    handle(engine, probe.participant, cmd)
+    refused = handle(engine, probe.participant, compensation("probe_undo", cmd, refuse=True))
+    assert (refused.type, dict(refused.payload)) == (
+        "compensation_failed",
+        {"reason": "cannot undo yet"},
+    )
+    assert probe_effect(engine, cmd.correlation_id) == 1
+    assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
+    again = compensation("probe_undo", cmd, attempt=2)
+    assert handle(engine, probe.participant, again).type == "compensated"
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert probe.calls == ["do:1", "undo", "undo"]
+
+
+def test_concurrent_duplicates_apply_once(engine: Engine, probe: Probe) -> None:
+    cmd = command("probe_do", {"sleep": 0.5})
+    results: list[Envelope] = []
+    errors: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            results.append(handle(engine, probe.participant, cmd))
+        except BaseException as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert errors == []
+    assert probe.calls == ["do:1"]
+    assert probe_effect(engine, cmd.correlation_id) == 1
+    assert [r.type for r in results] == ["succeeded", "succeeded"]
+    assert results[0].payload == results[1].payload
+    assert len(replies(engine, cmd.correlation_id)) == 2
+
+
+def test_a_compensation_racing_its_command_waits_and_undoes_it(
+    engine: Engine, probe: Probe
+) -> None:
+    cmd = command("probe_do", {"sleep": 0.5})
+    comp = compensation("probe_undo", cmd)
+    outcome: dict[str, str] = {}
+    first = threading.Thread(
+        target=lambda: outcome.update(c=handle(engine, probe.participant, cmd).type)
+    )
+    first.start()
+    time.sleep(0.2)  # the command holds its inbox row by now
+    outcome["comp"] = handle(engine, probe.participant, comp).type
+    first.join(timeout=10)
+    assert outcome == {"c": "succeeded", "comp": "compensated"}
+    assert probe.calls == ["do:1", "undo"]
+    assert probe_effect(engine, cmd.correlation_id) == 0
+
+
+def test_purge_deletes_only_rows_older_than_the_window(engine: Engine, probe: Probe) -> None:
+    old, recent = command("probe_do"), command("probe_do")
+    handle(engine, probe.participant, old)
+    handle(
+        engine,
+        probe.participant,
+        compensation("probe_undo", command("probe_do", saga_id=old.correlation_id, step="other")),
+    )
+    handle(engine, probe.participant, recent)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE sagabox.command_inbox SET received_at = now() - interval '2 hours'"
+                " WHERE saga_id = :id"
+            ),
+            {"id": uuid.UUID(old.correlation_id)},
+        )
+    assert purge_inbox(engine, timedelta(hours=1), batch_size=2) == 3  # done row + tombstone pair
+    assert inbox_rows(engine, old.correlation_id) == {}
+    assert inbox_rows(engine, recent.correlation_id) == {"command": ("done", "succeeded")}
+    assert purge_inbox(engine, 3600) == 0
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(command_inbox)) == 1
+
+
+def test_the_worker_purge_thread_deletes_old_rows(engine: Engine, probe: Probe) -> None:
+    old = command("probe_do")
+    handle(engine, probe.participant, old)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE sagabox.command_inbox SET received_at = now() - interval '8 days'")
+        )
+    purge = InboxPurge(engine, retention=timedelta(days=7), interval=0.05)
+    purge.after_worker_boot(None, None)  # type: ignore[arg-type]  # neither is used
+    try:
+        deadline = time.monotonic() + 10
+        while inbox_rows(engine, old.correlation_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        purge.before_worker_shutdown(None, None)  # type: ignore[arg-type]
+    assert inbox_rows(engine, old.correlation_id) == {}

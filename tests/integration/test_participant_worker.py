@@ -1,0 +1,244 @@
+"""A real dramatiq Worker, in-process, against RabbitMQ (a fresh vhost) and PostgreSQL:
+retries then dead-lettering, rejection of unparsable messages, log context."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+import pika
+import pytest
+import structlog
+from dramatiq import Worker
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.orm import Session
+
+from outbox_relay.message import Envelope, decode, encode
+from outbox_relay.table import outbox
+from outbox_relay.topology import Topology
+from participants import Context, Participant, Payload
+from participants.broker import ParticipantBroker
+from participants.testing import command
+from participants.worker import RetryPolicy
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "flaky"
+flaky = Participant(QUEUE)
+boom_calls: list[str] = []
+boom_lock = threading.Lock()
+
+
+@flaky.command("flaky_ok")
+def ok(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    structlog.get_logger().info("handler_ran")
+    return {"ok": True}
+
+
+@flaky.command("flaky_boom")
+def boom(session: Session, payload: Payload, ctx: Context) -> None:
+    with boom_lock:
+        boom_calls.append(ctx.message_id)
+    raise RuntimeError("the database is on fire")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as captured:
+        yield captured
+
+
+@pytest.fixture
+def worker(engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]) -> Iterator[Worker]:
+    boom_calls.clear()
+    broker = ParticipantBroker(url=amqp_url)
+    flaky.bind(
+        broker, engine, retries=RetryPolicy(max_retries=2, min_backoff_ms=50, max_backoff_ms=200)
+    )
+    broker.declare_queue(QUEUE, ensure=True)
+    worker = Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    yield worker
+    worker.stop()
+    broker.close()
+
+
+def publish(amqp_url: str, body: str | bytes) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            exchange="",
+            routing_key=QUEUE,
+            body=body,
+            properties=pika.BasicProperties(delivery_mode=2),
+        )
+    finally:
+        connection.close()
+
+
+def dead_letters(amqp_url: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        frame = connection.channel().queue_declare(f"{QUEUE}.XQ", passive=True)
+        return int(frame.method.message_count)
+    finally:
+        connection.close()
+
+
+def replies(engine: Engine, saga_id: str) -> list[Envelope]:
+    with engine.connect() as conn:
+        bodies = conn.execute(
+            select(outbox.c.body)
+            .where(outbox.c.correlation_id == uuid.UUID(saga_id))
+            .order_by(outbox.c.id)
+        ).scalars()
+        return [decode(body) for body in bodies]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {check}")
+        time.sleep(0.05)
+
+
+def test_a_command_from_rabbitmq_is_answered_with_its_context_logged(
+    worker: Worker, engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    cmd = command("flaky_ok", step="s1", attempt=2)
+    publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_ok"))
+    wait_for(lambda: len(replies(engine, cmd.correlation_id)) == 1)
+    [reply] = replies(engine, cmd.correlation_id)
+    assert (reply.type, reply.causation_id, reply.attempt) == ("succeeded", cmd.message_id, 2)
+    [line] = [e for e in logs if e["event"] == "handler_ran"]
+    assert {
+        k: line.get(k) for k in ("correlation_id", "message_id", "step", "attempt", "service")
+    } == {
+        "correlation_id": cmd.correlation_id,
+        "message_id": cmd.message_id,
+        "step": "s1",
+        "attempt": 2,
+        "service": QUEUE,
+    }
+
+
+def test_a_technical_failure_is_retried_then_dead_lettered_with_an_error_reply(
+    worker: Worker, engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    cmd = command("flaky_boom")
+    publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_boom"))
+    wait_for(lambda: dead_letters(amqp_url) == 1)
+    wait_for(lambda: len(replies(engine, cmd.correlation_id)) == 1)
+    assert boom_calls == [cmd.message_id] * 3  # the first delivery and max_retries=2
+    [reply] = replies(engine, cmd.correlation_id)
+    assert (reply.type, reply.causation_id) == ("error", cmd.message_id)
+    assert "the database is on fire" in reply.payload["reason"]
+    [line] = [e for e in logs if e["event"] == "command_dead_lettered"]
+    assert (line["correlation_id"], line["failed_deliveries"], line["dead_letter_queue"]) == (
+        cmd.correlation_id,
+        3,
+        f"{QUEUE}.XQ",
+    )
+
+
+def test_unparsable_messages_are_dead_lettered_at_once_and_the_worker_goes_on(
+    worker: Worker, engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    publish(amqp_url, b"\xff this is not JSON")
+    publish(
+        amqp_url,
+        encode(command("flaky_ok"), queue=QUEUE, actor="flaky_ok").replace(
+            '"attempt":1', '"attempt":0'
+        ),
+    )
+    unknown = command("no_such_command")
+    publish(amqp_url, encode(unknown, queue=QUEUE, actor="no_such_command"))
+    good = command("flaky_ok")
+    publish(amqp_url, encode(good, queue=QUEUE, actor="flaky_ok"))
+
+    wait_for(lambda: dead_letters(amqp_url) == 3)
+    wait_for(lambda: len(replies(engine, good.correlation_id)) == 1)
+    rejected = [e for e in logs if e["event"] == "message_rejected"]
+    assert len(rejected) == 2
+    assert "'attempt' must be an integer >= 1" in rejected[0]["reason"]
+    assert "no_such_command" in rejected[1]["reason"]
+    assert rejected[1]["correlation_id"] == unknown.correlation_id
+    # The unknown command's envelope was valid: the orchestrator is told at once.
+    wait_for(lambda: len(replies(engine, unknown.correlation_id)) == 1)
+    assert replies(engine, unknown.correlation_id)[0].type == "error"
+    assert boom_calls == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"options": None},  # dramatiq's consumer thread would crash on it, again and again
+        {"options": "x"},
+        {"kwargs": []},
+        {"actor_name": 5},
+        {"args": [{"not": "an envelope"}], "options": {"eta": "soon"}},
+    ],
+    ids=["options-null", "options-str", "kwargs-list", "actor-int", "bad-eta"],
+)
+def test_malformed_dramatiq_fields_are_dead_lettered(
+    worker: Worker, engine: Engine, amqp_url: str, fields: dict[str, Any]
+) -> None:
+    message = {
+        "queue_name": QUEUE,
+        "actor_name": "flaky_ok",
+        "args": [command("flaky_ok").to_dict()],
+        "kwargs": {},
+        "options": {},
+        "message_id": str(uuid.uuid4()),
+        "message_timestamp": 0,
+    } | fields
+    publish(amqp_url, json.dumps(message))
+    good = command("flaky_ok")
+    publish(amqp_url, encode(good, queue=QUEUE, actor="flaky_ok"))
+    wait_for(lambda: dead_letters(amqp_url) == 1)
+    wait_for(lambda: len(replies(engine, good.correlation_id)) == 1)
+
+
+def test_quorum_queues_declared_by_the_relay_are_consumed(
+    engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+) -> None:
+    topology = Topology(quorum=True, delivery_limit=5)
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:  # the relay came first and declared the queues its way
+        channel = connection.channel()
+        for declaration in topology.declarations(QUEUE):
+            channel.queue_declare(
+                declaration.name, durable=True, arguments=dict(declaration.arguments)
+            )
+    finally:
+        connection.close()
+    broker = ParticipantBroker(url=amqp_url, topology=topology)
+    flaky.bind(broker, engine, retries=RetryPolicy(max_retries=0))
+    broker.declare_queue(QUEUE, ensure=True)  # would be PRECONDITION_FAILED if args differed
+    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        good, bad = command("flaky_ok"), command("flaky_boom")
+        publish(amqp_url, encode(good, queue=QUEUE, actor="flaky_ok"))
+        publish(amqp_url, encode(bad, queue=QUEUE, actor="flaky_boom"))
+        wait_for(lambda: len(replies(engine, good.correlation_id)) == 1)
+        wait_for(lambda: dead_letters(amqp_url) == 1)
+    finally:
+        worker.stop()
+        broker.close()
