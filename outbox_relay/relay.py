@@ -1,0 +1,766 @@
+"""The relay: publishes outbox rows to RabbitMQ, at least once, in order per correlation id.
+
+One asyncio loop serves every database. For each database a dispatcher claims a
+batch (``FOR UPDATE SKIP LOCKED``, in a transaction on a connection of its own),
+publishes the whole batch on that database's confirming channel without waiting,
+and hands it to a finisher task; up to ``pipeline_depth`` batches are in flight.
+The finisher awaits the batch's confirms, then in the same transaction deletes
+the acked rows, backs the nacked ones off and parks the returned ones, and
+commits. A row is therefore deleted only after RabbitMQ confirmed it; a crash
+anywhere before the commit leaves it to be published again (same message id).
+
+Wake-ups: a LISTEN connection per database turns the writers' NOTIFYs into
+claims; while rows were seen in the last ``active_window`` seconds the
+dispatcher also polls every ``active_poll_interval`` (writers debounce their
+NOTIFYs), otherwise every ``idle_poll_interval``.
+
+Exceptions: pika and psycopg errors inside the loop are retried with backoff
+(and logged as ``relay_reconnecting``); those that escape become RelayError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import pika
+import pika.data
+import pika.exceptions
+import psycopg
+import structlog
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from outbox_relay import store
+from outbox_relay.errors import RelayError
+from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
+from outbox_relay.store import AsyncConn, OutboxRow
+from outbox_relay.topology import QueueDeclaration, Topology
+
+log = structlog.get_logger()
+
+ACK, NACK, PARK = "ack", "nack", "park"
+Outcome = tuple[str, str]  # (ACK | NACK | PARK, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """What the relay needs to know; built from RelaySettings by the entry point."""
+
+    database_urls: tuple[str, ...]
+    amqp_url: str
+    batch_size: int = 500
+    pipeline_depth: int = 2
+    active_poll_interval: float = 0.01
+    idle_poll_interval: float = 1.0
+    active_window: float = 1.0
+    confirm_timeout: float = 30.0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    reconnect_backoff: float = 0.2
+    reconnect_backoff_max: float = 5.0
+    connect_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+    topology: Topology = field(default_factory=Topology)
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before reconnect attempt number ``attempt`` (1, 2, ...)."""
+        return float(
+            min(self.reconnect_backoff * 2 ** max(attempt - 1, 0), self.reconnect_backoff_max)
+        )
+
+
+class BrokerUnavailable(RelayError):
+    """The connection or channel to RabbitMQ is gone; the batch is retried later."""
+
+
+class TopologyRefused(RelayError):
+    """RabbitMQ refused a declaration (missing exchange, conflicting queue arguments)."""
+
+
+def describe_database(url: str) -> str:
+    """The host and database (or vhost) of a URL, without credentials, for logs."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}/{parts.path.lstrip('/')}"
+
+
+class _Confirms:
+    """The outcomes of one published batch, filled in by the channel's callbacks."""
+
+    def __init__(self, size: int) -> None:
+        self.outcomes: list[Outcome | None] = [None] * size
+        self.remaining = size
+        self.done: asyncio.Future[list[Outcome | None]] = asyncio.get_running_loop().create_future()
+        if size == 0:
+            self.done.set_result(self.outcomes)
+
+    def settle(self, index: int, outcome: Outcome) -> None:
+        if self.outcomes[index] is None:
+            self.outcomes[index] = outcome
+            self.remaining -= 1
+            if self.remaining == 0 and not self.done.done():
+                self.done.set_result(self.outcomes)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+class ConfirmingChannel:
+    """A pika channel in confirm mode that publishes batches without waiting per message.
+
+    Delivery tags count publishes from 1 on each channel. An ack or nack with
+    ``multiple`` covers every tag up to its own. An unroutable mandatory message
+    is returned (basic.return) *before* its ack, so the ack settles it as parked.
+    """
+
+    def __init__(self, channel: Any, topology: Topology) -> None:
+        self._channel = channel
+        self._topology = topology
+        self._next_tag = 0
+        self._floor = 1  # every tag below this one is settled
+        self._pending: dict[int, tuple[_Confirms, int, str]] = {}
+        self._returned: dict[str, str] = {}
+        self._waiters: set[asyncio.Future[Any]] = set()
+        self.declared: set[str] = set()
+        self.closed: BaseException | None = None
+        channel.add_on_close_callback(self._on_close)
+        channel.add_on_return_callback(self._on_return)
+
+    @classmethod
+    async def open(cls, connection: Any, topology: Topology, timeout: float) -> ConfirmingChannel:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Any] = loop.create_future()
+        channel = connection.channel(on_open_callback=lambda ch: _resolve(opened, ch))
+        self = cls(channel, topology)
+        self._waiters.add(opened)
+        try:
+            await asyncio.wait_for(opened, timeout)
+        finally:
+            self._waiters.discard(opened)
+        await self._call(
+            lambda done: channel.confirm_delivery(self._on_confirm, callback=done), timeout
+        )
+        return self
+
+    async def _call(self, start: Callable[[Callable[..., None]], None], timeout: float) -> Any:
+        """Start a pika RPC with a completion callback and await it (or the channel closing)."""
+        if self.closed is not None:
+            raise BrokerUnavailable(f"channel closed: {self.closed}")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.add(future)
+        try:
+            start(lambda *args: _resolve(future, args[0] if args else None))
+            return await asyncio.wait_for(future, timeout)
+        except pika.exceptions.AMQPError as e:
+            raise BrokerUnavailable(str(e) or repr(e)) from e
+        except TimeoutError as e:
+            self.abandon(f"no answer from RabbitMQ within {timeout}s")
+            raise BrokerUnavailable(f"no answer from RabbitMQ within {timeout}s") from e
+        finally:
+            self._waiters.discard(future)
+
+    async def ensure(self, key: str, timeout: float) -> None:
+        """Declare what publishing to ``key`` needs, once per channel.
+
+        ``key`` is a destination queue (default exchange) or ``exchange:NAME``, which
+        is only checked passively: a missing exchange would close the channel on
+        publish, so its rows are parked instead.
+        """
+        if key in self.declared:
+            return
+        try:
+            if key.startswith("exchange:"):
+                name = key.removeprefix("exchange:")
+                await self._call(
+                    lambda done: self._channel.exchange_declare(
+                        exchange=name, passive=True, callback=done
+                    ),
+                    timeout,
+                )
+            else:
+                for queue in self._topology.declarations(key):
+                    await self._declare_queue(queue, timeout)
+        except BrokerUnavailable as e:
+            reason = self.closed
+            if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and (
+                reason.reply_code in (403, 404, 406)
+            ):
+                raise TopologyRefused(f"{reason.reply_code} {reason.reply_text}") from e
+            raise
+        self.declared.add(key)
+
+    async def _declare_queue(self, queue: QueueDeclaration, timeout: float) -> None:
+        await self._call(
+            lambda done: self._channel.queue_declare(
+                queue=queue.name, durable=True, arguments=dict(queue.arguments), callback=done
+            ),
+            timeout,
+        )
+
+    def publish(self, rows: Sequence[OutboxRow], confirms: _Confirms) -> None:
+        """Publish every row not settled yet; their confirms arrive later."""
+        if self.closed is not None:
+            raise BrokerUnavailable(f"channel closed: {self.closed}")
+        basic_publish = self._channel.basic_publish
+        for index, row in enumerate(rows):
+            if confirms.outcomes[index] is not None:
+                continue
+            if row.headers and (problem := _unencodable(row.headers)):
+                confirms.settle(index, (PARK, problem))
+                continue
+            properties = pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=row.message_id,
+                correlation_id=row.correlation_id,
+                headers=row.headers,
+            )
+            try:
+                basic_publish(
+                    row.exchange, row.destination, row.body.encode(), properties, mandatory=True
+                )
+            except pika.exceptions.AMQPError as e:
+                raise BrokerUnavailable(str(e) or repr(e)) from e
+            self._next_tag += 1
+            self._pending[self._next_tag] = (confirms, index, row.message_id)
+
+    def close(self) -> None:
+        if self.closed is None:
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                self._channel.close()
+
+    def abandon(self, reason: str) -> None:
+        """Give up on a channel that stopped answering: fail what waits on it, close it."""
+        if self.closed is None:
+            self.close()
+            self._on_close(self._channel, BrokerUnavailable(reason))
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        outcome = ACK if isinstance(method, pika.spec.Basic.Ack) else NACK
+        tag = method.delivery_tag
+        if method.multiple:
+            for settled in range(self._floor, tag + 1):
+                entry = self._pending.pop(settled, None)
+                if entry is not None:
+                    self._settle(entry, outcome)
+            self._floor = max(self._floor, tag + 1)
+        else:
+            entry = self._pending.pop(tag, None)
+            if entry is not None:
+                self._settle(entry, outcome)
+
+    def _settle(self, entry: tuple[_Confirms, int, str], outcome: str) -> None:
+        confirms, index, message_id = entry
+        returned = self._returned.pop(message_id, None)
+        if returned is not None:
+            confirms.settle(index, (PARK, returned))
+        elif outcome == ACK:
+            confirms.settle(index, (ACK, ""))
+        else:
+            confirms.settle(index, (NACK, "nacked by RabbitMQ"))
+
+    def _on_return(self, _channel: Any, method: Any, properties: Any, _body: bytes) -> None:
+        self._returned[properties.message_id] = (
+            f"unroutable: {method.reply_code} {method.reply_text}"
+            f" (exchange={method.exchange!r}, routing_key={method.routing_key!r})"
+        )
+
+    def _on_close(self, _channel: Any, reason: BaseException) -> None:
+        self.closed = reason
+        error = BrokerUnavailable(f"channel closed: {reason}")
+        for confirms, _, _ in self._pending.values():
+            confirms.fail(error)
+        self._pending.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _unencodable(headers: dict[str, Any]) -> str | None:
+    """Why pika cannot encode these headers (floats, for instance), or None."""
+    try:
+        pika.data.encode_table([], headers)
+    except (pika.exceptions.AMQPError, TypeError, ValueError) as e:
+        return f"headers cannot be encoded as an AMQP table: {e!r}"
+    return None
+
+
+class Broker:
+    """One AMQP connection shared by every database, reconnected with backoff."""
+
+    def __init__(self, config: RelayConfig, stopping: asyncio.Event) -> None:
+        self._config = config
+        self._stopping = stopping
+        self._connection: Any = None
+        self._ready = asyncio.Event()
+        self._lost: asyncio.Future[BaseException] | None = None
+
+    async def run(self) -> None:
+        """Keep a connection open until stopped."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                self._connection, self._lost = await connect_amqp(
+                    self._config.amqp_url, self._config.connect_timeout
+                )
+            except RelayError as e:
+                attempt += 1
+                await self._backoff(attempt, str(e))
+                continue
+            if attempt:
+                log.info("relay_reconnected", target="rabbitmq", attempts=attempt)
+            attempt = 0
+            self._ready.set()
+            reason = await self._lost
+            self._ready.clear()
+            self._connection = None
+            if not self._stopping.is_set():
+                attempt = 1
+                await self._backoff(attempt, f"connection lost: {reason}")
+
+    async def _backoff(self, attempt: int, error: str) -> None:
+        delay = self._config.backoff(attempt)
+        log.warning(
+            "relay_reconnecting", target="rabbitmq", attempt=attempt, delay=delay, error=error
+        )
+        await wait_event(self._stopping, delay)
+
+    async def channel(self) -> ConfirmingChannel:
+        """A new confirming channel, once the connection is up."""
+        while True:
+            if self._stopping.is_set():
+                raise BrokerUnavailable("relay is stopping")
+            if self._ready.is_set() and self._connection is not None and self._connection.is_open:
+                break
+            await wait_event(self._ready, 0.1)
+        try:
+            return await ConfirmingChannel.open(
+                self._connection, self._config.topology, self._config.connect_timeout
+            )
+        except (pika.exceptions.AMQPError, TimeoutError) as e:
+            raise BrokerUnavailable(f"cannot open a channel: {e!r}") from e
+
+    async def close(self) -> None:
+        connection, lost = self._connection, self._lost
+        if connection is not None and lost is not None and not lost.done():
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(lost), 5)
+
+
+async def connect_amqp(url: str, timeout: float) -> tuple[Any, asyncio.Future[BaseException]]:
+    """Open an AsyncioConnection; also returns a future resolved when it closes."""
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[Any] = loop.create_future()
+    lost: asyncio.Future[BaseException] = loop.create_future()
+
+    def on_error(_: Any, error: BaseException) -> None:
+        if not opened.done():
+            opened.set_exception(RelayError(f"cannot connect to RabbitMQ: {error!r}"))
+
+    try:
+        parameters = pika.URLParameters(url)
+    except (ValueError, pika.exceptions.AMQPError) as e:
+        raise RelayError(f"bad AMQP URL: {e}") from e
+    connection = AsyncioConnection(
+        parameters,
+        on_open_callback=lambda c: _resolve(opened, c),
+        on_open_error_callback=on_error,
+        on_close_callback=lambda _, reason: _resolve(lost, reason),
+        custom_ioloop=loop,
+    )
+    try:
+        await asyncio.wait_for(opened, timeout)
+    except TimeoutError as e:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            connection.close()
+        raise RelayError(f"cannot connect to RabbitMQ: no answer in {timeout}s") from e
+    return connection, lost
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    return event.is_set()
+
+
+@dataclass
+class Counters:
+    published: int = 0
+    retried: int = 0
+    parked: int = 0
+
+
+class DatabaseRelay:
+    """Claims, publishes and settles the outbox of one database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        broker: Broker,
+        config: RelayConfig,
+        failpoints: Failpoints,
+        stopping: asyncio.Event,
+        counters: Counters,
+    ) -> None:
+        self.url = url
+        self.name = describe_database(url)
+        self._broker = broker
+        self._config = config
+        self._failpoint = failpoints.failpoint
+        self._stopping = stopping
+        self._counters = counters
+        self._wake = asyncio.Event()
+        self._last_rows = float("-inf")
+        self._idle: list[AsyncConn] = []
+        self._slots = asyncio.Semaphore(config.pipeline_depth)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._channel: ConfirmingChannel | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        listener = asyncio.create_task(self._listen())
+        try:
+            await self._dispatch()
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
+        finally:
+            listener.cancel()
+            for task in self._in_flight:
+                task.cancel()
+            await asyncio.gather(listener, *self._in_flight, return_exceptions=True)
+            for conn in self._idle:
+                await conn.close()
+            if self._channel is not None:
+                self._channel.close()
+
+    async def _dispatch(self) -> None:
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            conn: AsyncConn | None = None
+            try:
+                if self._stopping.is_set():
+                    self._slots.release()
+                    break
+                channel = await self._open_channel()
+                conn = await self._connection()
+                self._wake.clear()
+                rows = await store.claim(conn, self._config.batch_size)
+                if not rows:
+                    await conn.rollback()
+                    self._idle.append(conn)
+                    self._slots.release()
+                    await self._idle_wait(loop.time())
+                    attempt = 0
+                    continue
+                self._last_rows = loop.time()
+                confirms = await self._publish(channel, rows)
+                task = asyncio.create_task(self._finish(conn, rows, confirms))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                attempt = 0
+            except (psycopg.Error, RelayError, OSError) as e:
+                self._slots.release()
+                if conn is not None:
+                    await self._discard(conn)
+                if self._stopping.is_set():
+                    break
+                attempt += 1
+                target = "rabbitmq" if isinstance(e, RelayError) else "database"
+                delay = self._config.backoff(attempt)
+                log.warning(
+                    "relay_reconnecting",
+                    target=target,
+                    database=self.name,
+                    attempt=attempt,
+                    delay=delay,
+                    error=str(e) or repr(e),
+                )
+                await wait_event(self._stopping, delay)
+
+    async def _idle_wait(self, now: float) -> None:
+        active = now - self._last_rows < self._config.active_window
+        timeout = self._config.active_poll_interval if active else self._config.idle_poll_interval
+        if not self._wake.is_set():
+            await wait_event(self._wake, timeout)
+
+    async def _open_channel(self) -> ConfirmingChannel:
+        if self._channel is None or self._channel.closed is not None:
+            self._channel = await self._broker.channel()
+        return self._channel
+
+    async def _connection(self) -> AsyncConn:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.url,
+                connect_timeout=int(self._config.connect_timeout),
+                options=store.SESSION_OPTIONS,
+            )
+        except psycopg.Error as e:
+            raise RelayError(f"cannot connect to {self.name}: {e}") from e
+
+    async def _discard(self, conn: AsyncConn) -> None:
+        with contextlib.suppress(psycopg.Error):
+            await conn.close()
+
+    async def _publish(self, channel: ConfirmingChannel, rows: list[OutboxRow]) -> _Confirms:
+        """Declare what the batch needs, then publish it; rows refused by the broker park."""
+        confirms = _Confirms(len(rows))
+        keys: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            keys.setdefault(
+                f"exchange:{row.exchange}" if row.exchange else row.destination, []
+            ).append(index)
+        try:
+            for key, indexes in keys.items():
+                try:
+                    await channel.ensure(key, self._config.connect_timeout)
+                except TopologyRefused as e:
+                    for index in indexes:
+                        confirms.settle(index, (PARK, f"declaring {key!r} failed: {e}"))
+                    channel = self._channel = await self._broker.channel()
+            channel.publish(rows, confirms)
+        except BaseException:
+            confirms.done.cancel()  # nobody will await it: the claim is rolled back
+            raise
+        return confirms
+
+    async def _finish(self, conn: AsyncConn, rows: list[OutboxRow], confirms: _Confirms) -> None:
+        """Await the batch's confirms, then record them and commit."""
+        try:
+            try:
+                outcomes = await asyncio.wait_for(confirms.done, self._config.confirm_timeout)
+            except TimeoutError:
+                # A channel that stopped confirming is useless: drop it so the
+                # dispatcher opens a fresh one; these rows will be published again.
+                if self._channel is not None:
+                    self._channel.abandon("confirms timed out")
+                raise BrokerUnavailable(
+                    f"no confirms within {self._config.confirm_timeout}s"
+                ) from None
+            self._failpoint("relay.after_confirm_before_mark")
+            await self._record(conn, rows, outcomes)
+            await conn.commit()
+            self._failpoint("relay.after_mark")
+            self._idle.append(conn)
+        except (psycopg.Error, RelayError, OSError) as e:
+            log.warning(
+                "outbox_batch_failed", database=self.name, rows=len(rows), error=str(e) or repr(e)
+            )
+            await self._discard(conn)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time: closing the connection rolls the claim back,
+            # so no unconfirmed row is ever deleted.
+            await self._discard(conn)
+            raise
+        finally:
+            self._slots.release()
+
+    async def _record(
+        self, conn: AsyncConn, rows: list[OutboxRow], outcomes: list[Outcome | None]
+    ) -> None:
+        acked: list[int] = []
+        nacked: list[int] = []
+        parked: list[tuple[int, str]] = []
+        for row, outcome in zip(rows, outcomes, strict=True):
+            kind, reason = outcome or (NACK, "not confirmed")
+            if kind == ACK:
+                acked.append(row.id)
+                log.debug(
+                    "outbox_published",
+                    message_id=row.message_id,
+                    correlation_id=row.correlation_id,
+                    destination=row.destination,
+                )
+            elif kind == NACK:
+                nacked.append(row.id)
+                log.warning(
+                    "outbox_nacked",
+                    message_id=row.message_id,
+                    correlation_id=row.correlation_id,
+                    attempts=row.attempts + 1,
+                )
+            else:
+                parked.append((row.id, reason))
+                log.error(
+                    "outbox_parked",
+                    message_id=row.message_id,
+                    correlation_id=row.correlation_id,
+                    destination=row.destination,
+                    error=reason,
+                )
+        await store.delete(conn, acked)
+        await store.retry_later(
+            conn,
+            nacked,
+            "nacked by RabbitMQ",
+            base=self._config.retry_backoff,
+            cap=self._config.retry_backoff_max,
+        )
+        await store.park(conn, parked)
+        self._counters.published += len(acked)
+        self._counters.retried += len(nacked)
+        self._counters.parked += len(parked)
+
+    async def _listen(self) -> None:
+        """Turn NOTIFYs into wake-ups; reconnect when the connection drops."""
+        attempt = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=int(self._config.connect_timeout)
+                )
+                async with conn:
+                    await store.listen(conn)
+                    if attempt:
+                        log.info(
+                            "relay_reconnected",
+                            target="database",
+                            database=self.name,
+                            attempts=attempt,
+                        )
+                    attempt = 0
+                    self._wake.set()  # notifications may have been missed meanwhile
+                    while True:
+                        async for _ in conn.notifies(timeout=self._config.idle_poll_interval):
+                            self._wake.set()
+            except (psycopg.Error, OSError) as e:
+                attempt += 1
+                delay = self._config.backoff(attempt)
+                log.warning(
+                    "relay_reconnecting",
+                    target="database",
+                    database=self.name,
+                    attempt=attempt,
+                    delay=delay,
+                    error=str(e),
+                    listener=True,
+                )
+                await asyncio.sleep(delay)
+
+
+class Relay:
+    """The relay process's work: every configured database, one broker connection."""
+
+    def __init__(self, config: RelayConfig, failpoints: Failpoints = NO_FAILPOINTS) -> None:
+        if not config.database_urls:
+            raise RelayError("the relay needs at least one database URL")
+        self.config = config
+        self.failpoints = failpoints
+        self.counters = Counters()
+        # Created here, not in run(), so that a SIGTERM arriving before run() starts
+        # is not lost (an Event binds to the loop that first waits on it).
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._databases: list[DatabaseRelay] = []
+
+    def stop(self) -> None:
+        """Stop claiming, let in-flight batches settle, then return from run()."""
+        self._stopping.set()
+        for database in self._databases:
+            database.wake()
+
+    def stop_threadsafe(self) -> None:
+        """stop(), callable from another thread."""
+        if self._loop is None:
+            self._stopping.set()  # run() has not started: it will return at once
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            self._loop.call_soon_threadsafe(self.stop)
+
+    async def run(self) -> None:
+        """Relay until stop() is called; raises RelayError if a part of it crashed."""
+        self._loop = asyncio.get_running_loop()
+        stopping = self._stopping
+        broker = Broker(self.config, stopping)
+        self._databases = [
+            DatabaseRelay(
+                url,
+                broker=broker,
+                config=self.config,
+                failpoints=self.failpoints,
+                stopping=stopping,
+                counters=self.counters,
+            )
+            for url in self.config.database_urls
+        ]
+        log.info(
+            "relay_started",
+            databases=[d.name for d in self._databases],
+            broker=describe_database(self.config.amqp_url),
+            batch_size=self.config.batch_size,
+            pipeline_depth=self.config.pipeline_depth,
+            quorum_queues=self.config.topology.quorum,
+        )
+        broker_task = asyncio.create_task(broker.run())
+        tasks = [asyncio.create_task(d.run()) for d in self._databases]
+        stop_task = asyncio.create_task(stopping.wait())
+        crashed: BaseException | None = None
+        try:
+            done, _ = await asyncio.wait(
+                [stop_task, broker_task, *tasks], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is not stop_task and task.exception() is not None:
+                    crashed = task.exception()
+            self.stop()
+            _, late = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await broker.close()
+            broker_task.cancel()
+            stop_task.cancel()
+            await asyncio.gather(broker_task, stop_task, return_exceptions=True)
+            log.info(
+                "relay_stopped",
+                published=self.counters.published,
+                retried=self.counters.retried,
+                parked=self.counters.parked,
+            )
+        if crashed is not None:
+            raise RelayError(f"relay crashed: {crashed!r}") from crashed
+
+
+async def check(config: RelayConfig) -> list[str]:
+    """What is wrong with the configured databases and broker (empty when all answer)."""
+    problems: list[str] = []
+    for url in config.database_urls:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                url, connect_timeout=int(config.connect_timeout)
+            ) as conn:
+                await store.probe(conn)
+        except psycopg.Error as e:
+            problems.append(f"database {describe_database(url)}: {e}".strip())
+    try:
+        connection, lost = await connect_amqp(config.amqp_url, config.connect_timeout)
+    except RelayError as e:
+        problems.append(f"rabbitmq: {e}")
+    else:
+        connection.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lost, 5)
+    return problems

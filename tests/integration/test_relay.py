@@ -1,0 +1,401 @@
+"""The relay against real PostgreSQL and RabbitMQ: delivery, ordering, parking, topology.
+
+The helpers here are shared with tests/faults/test_relay_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pika
+import psycopg
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from psycopg.types.json import Jsonb
+
+from outbox_relay.relay import Relay, RelayConfig
+from outbox_relay.topology import Topology
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+QUEUE = "relay_test"
+
+# message_id, correlation_id, destination, body, headers
+Row = tuple[str, str | None, str, str, dict[str, Any] | None]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def relay_config(db_urls: Sequence[str], amqp_url: str, **overrides: Any) -> RelayConfig:
+    """A relay tuned for tests: short polls and backoffs."""
+    config = RelayConfig(
+        database_urls=tuple(db_urls),
+        amqp_url=amqp_url,
+        batch_size=500,
+        active_poll_interval=0.01,
+        idle_poll_interval=0.2,
+        reconnect_backoff=0.1,
+        reconnect_backoff_max=0.5,
+        confirm_timeout=10.0,
+        shutdown_timeout=5.0,
+    )
+    return replace(config, **overrides)
+
+
+class RelayThread:
+    """A relay on its own event loop in a background thread."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.relay = Relay(config)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.relay.run())
+        except BaseException as e:  # surfaced by stop()
+            self.error = e
+
+    def stop(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            self.relay.stop_threadsafe()
+            self.thread.join(0.1)
+        assert not self.thread.is_alive(), "the relay did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@contextmanager
+def running_relay(config: RelayConfig) -> Iterator[Relay]:
+    runner = RelayThread(config)
+    runner.thread.start()
+    try:
+        yield runner.relay
+    finally:
+        runner.stop()
+
+
+def make_rows(
+    count: int,
+    *,
+    destination: str = QUEUE,
+    correlation_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> list[Row]:
+    rows: list[Row] = []
+    for i in range(count):
+        message_id = str(uuid.uuid4())
+        body = json.dumps(
+            {
+                "queue_name": destination,
+                "actor_name": "t",
+                "args": [i],
+                "kwargs": {},
+                "options": {},
+                "message_id": message_id,
+                "message_timestamp": 0,
+            }
+        )
+        rows.append((message_id, correlation_id, destination, body, headers))
+    return rows
+
+
+def write_rows(db_url: str, rows: Sequence[Row], *, notify: bool = True) -> None:
+    """Insert rows in one transaction (with a NOTIFY, like OutboxWriter)."""
+    with psycopg.connect(db_url) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO sagabox.outbox"
+                " (message_id, correlation_id, destination, body, headers)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                [(m, c, d, b, Jsonb(h) if h is not None else None) for m, c, d, b, h in rows],
+            )
+        if notify:
+            conn.execute("SELECT pg_notify('sagabox_outbox', '')")
+
+
+def outbox_count(db_url: str, where: str = "true") -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM sagabox.outbox WHERE {where}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def outbox_rows(db_url: str) -> list[dict[str, Any]]:
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
+        return conn.execute("SELECT * FROM sagabox.outbox ORDER BY id").fetchall()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def amqp_channel(amqp_url: str) -> Iterator[Any]:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def queue_depth(amqp_url: str, queue: str = QUEUE) -> int:
+    with amqp_channel(amqp_url) as channel:
+        return int(channel.queue_declare(queue, passive=True).method.message_count)
+
+
+def consume(
+    amqp_url: str, queue: str = QUEUE, *, count: int | None = None, idle: float = 1.0
+) -> list[tuple[Any, bytes]]:
+    """Drain ``queue`` (until ``count`` messages, or ``idle`` seconds without one)."""
+    received: list[tuple[Any, bytes]] = []
+    with amqp_channel(amqp_url) as channel:
+        channel.basic_qos(prefetch_count=1000)
+        for method, properties, body in channel.consume(
+            queue, auto_ack=True, inactivity_timeout=idle
+        ):
+            if method is None:
+                break
+            received.append((properties, body))
+            if count is not None and len(received) >= count:
+                break
+        channel.cancel()
+    return received
+
+
+def vhost_name(amqp_url: str) -> str:
+    return unquote(urlsplit(amqp_url).path.lstrip("/"))
+
+
+def relay_process(
+    db_urls: Sequence[str], amqp_url: str, log_path: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """``python -m sagabox relay`` as a real process, configured by environment."""
+    environ = {
+        **os.environ,
+        "SAGABOX_RELAY_DATABASE_URLS": ",".join(db_urls),
+        "SAGABOX_AMQP_URL": amqp_url,
+        "SAGABOX_RELAY_IDLE_POLL_INTERVAL": "0.2",
+        "SAGABOX_RELAY_SHUTDOWN_TIMEOUT": "5",
+        "SAGABOX_LOG_LEVEL": "INFO",
+        **env,
+    }
+    if "SAGABOX_FAILPOINTS" not in env:
+        environ.pop("SAGABOX_FAILPOINTS", None)
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "sagabox", "relay"],
+        cwd=ROOT,
+        env=environ,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_every_row_is_delivered_with_its_properties_and_deleted(db_url: str, amqp_url: str) -> None:
+    correlation_id = str(uuid.uuid4())
+    rows = make_rows(30, headers={"saga": "order", "attempt": 2, "flags": [1, "x"]})
+    rows += make_rows(20, correlation_id=correlation_id)
+    write_rows(db_url, rows)
+    with running_relay(relay_config([db_url], amqp_url)):
+        wait_until(lambda: outbox_count(db_url) == 0, 20, "the outbox to drain")
+        received = consume(amqp_url, count=len(rows))
+    by_id = {properties.message_id: (properties, body) for properties, body in received}
+    assert len(received) == len(rows) == len(by_id)
+    for message_id, correlation, _, body, headers in rows:
+        properties, received_body = by_id[message_id]
+        assert received_body.decode() == body
+        assert properties.correlation_id == correlation
+        assert properties.content_type == "application/json"
+        assert properties.delivery_mode == 2
+        assert properties.headers == headers
+    # One correlation id: published in the order written.
+    ours = [p.message_id for p, _ in received if p.correlation_id == correlation_id]
+    assert ours == [r[0] for r in rows if r[1] == correlation_id]
+
+
+def test_queues_are_declared_exactly_as_dramatiq_declares_them(db_url: str, amqp_url: str) -> None:
+    write_rows(db_url, make_rows(1, destination="relay_first"))
+    broker = RabbitmqBroker(url=amqp_url)
+    try:
+        broker.declare_queue("worker_first", ensure=True)  # a worker that came first
+        write_rows(db_url, make_rows(1, destination="worker_first"))
+        with running_relay(relay_config([db_url], amqp_url)):
+            wait_until(lambda: outbox_count(db_url) == 0, 20, "the outbox to drain")
+        # A worker coming after the relay redeclares the same queues: no PRECONDITION_FAILED.
+        broker.declare_queue("relay_first", ensure=True)
+        assert broker.get_queue_message_counts("relay_first")[0] == 1
+        assert broker.get_queue_message_counts("worker_first")[0] == 1
+    finally:
+        broker.close()
+
+
+def test_quorum_queues_option_declares_quorum_queues(db_url: str, amqp_url: str) -> None:
+    write_rows(db_url, make_rows(3, destination="qq"))
+    config = relay_config([db_url], amqp_url, topology=Topology(quorum=True, delivery_limit=5))
+    with running_relay(config):
+        wait_until(lambda: outbox_count(db_url) == 0, 20, "the outbox to drain")
+    expected = Topology(quorum=True, delivery_limit=5).declarations("qq")
+    with amqp_channel(amqp_url) as channel:
+        for declaration in expected:  # same arguments: a no-op, else 406 closes the channel
+            channel.queue_declare(
+                declaration.name, durable=True, arguments=dict(declaration.arguments)
+            )
+        assert channel.queue_declare("qq", passive=True).method.message_count == 3
+
+
+def test_the_table_stays_small_while_20000_rows_flow(db_url: str, amqp_url: str) -> None:
+    total, chunk = 20_000, 1_000
+    sizes: list[int] = []
+    with running_relay(relay_config([db_url], amqp_url)):
+        for _ in range(total // chunk):
+            write_rows(db_url, make_rows(chunk))
+            sizes.append(outbox_count(db_url))
+            time.sleep(0.05)
+        wait_until(lambda: outbox_count(db_url) == 0, 60, "the outbox to drain")
+    assert max(sizes) < 5 * chunk, sizes  # published rows go away as fast as they come
+    assert queue_depth(amqp_url) == total
+
+
+def test_two_relays_keep_the_order_of_each_correlation_id(db_url: str, amqp_url: str) -> None:
+    sagas = [str(uuid.uuid4()) for _ in range(200)]
+    per_saga = 8
+
+    def rows_for(step: int) -> list[Row]:
+        rows: list[Row] = []
+        for saga in sagas:
+            message_id = str(uuid.uuid4())
+            body = json.dumps({"saga": saga, "seq": step, "message_id": message_id})
+            rows.append((message_id, saga, QUEUE, body, None))
+        return rows
+
+    write_rows(db_url, [r for step in range(per_saga // 2) for r in rows_for(step)])
+    config = relay_config([db_url], amqp_url, batch_size=100)
+    with running_relay(config), running_relay(config):
+        # The second half is written while both relays run, interleaved by saga.
+        for step in range(per_saga // 2, per_saga):
+            write_rows(db_url, rows_for(step))
+        wait_until(lambda: outbox_count(db_url) == 0, 60, "the outbox to drain")
+    received = consume(amqp_url, count=len(sagas) * per_saga)
+    seen: dict[str, list[int]] = {}
+    for _, body in received:
+        message = json.loads(body)
+        seen.setdefault(message["saga"], []).append(message["seq"])
+    assert len(received) == len(sagas) * per_saga
+    for saga in sagas:
+        assert seen[saga] == list(range(per_saga)), saga
+
+
+def test_an_unroutable_message_is_parked_and_others_still_flow(db_url: str, amqp_url: str) -> None:
+    blocked = str(uuid.uuid4())
+    with running_relay(relay_config([db_url], amqp_url)):
+        write_rows(db_url, make_rows(1, destination="gone"))
+        wait_until(lambda: outbox_count(db_url) == 0, 20, "the queue to be declared")
+        with amqp_channel(amqp_url) as channel:
+            channel.queue_delete("gone")  # declared by the relay, now deleted: unroutable
+        write_rows(db_url, make_rows(2, destination="gone", correlation_id=blocked))
+        write_rows(db_url, make_rows(10))
+        wait_until(lambda: outbox_count(db_url, "parked_at IS NOT NULL") == 1, 20, "a parked row")
+        wait_until(lambda: outbox_count(db_url) == 2, 20, "the other rows to flow")
+        time.sleep(0.5)
+        rows = outbox_rows(db_url)
+    assert queue_depth(amqp_url) == 10
+    parked, waiting = rows
+    assert parked["parked_at"] is not None
+    assert "NO_ROUTE" in parked["error"] and "gone" in parked["error"]
+    # The later row of the same correlation id waits behind the parked one.
+    assert waiting["parked_at"] is None and str(waiting["correlation_id"]) == blocked
+
+
+def test_a_missing_exchange_parks_its_rows(db_url: str, amqp_url: str) -> None:
+    write_rows(db_url, make_rows(1))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE sagabox.outbox SET exchange = 'no_such_exchange'")
+    write_rows(db_url, make_rows(3))
+    with running_relay(relay_config([db_url], amqp_url)):
+        wait_until(lambda: outbox_count(db_url, "parked_at IS NULL") == 0, 20, "parking")
+    [parked] = outbox_rows(db_url)
+    assert "no_such_exchange" in parked["error"] and "404" in parked["error"]
+    assert queue_depth(amqp_url) == 3
+
+
+def test_a_nacked_message_is_retried_later(db_url: str, amqp_url: str) -> None:
+    servers.rabbitmqctl(
+        "set_policy",
+        "-p",
+        vhost_name(amqp_url),
+        "--apply-to",
+        "queues",
+        "full",
+        "^full$",
+        '{"max-length": 1, "overflow": "reject-publish"}',
+    )
+    write_rows(db_url, make_rows(1, destination="full"))
+    with running_relay(relay_config([db_url], amqp_url, retry_backoff=30.0)):
+        wait_until(lambda: outbox_count(db_url) == 0, 20, "the first row")
+        write_rows(db_url, make_rows(1, destination="full"))
+        wait_until(lambda: outbox_count(db_url, "attempts = 1") == 1, 20, "a nacked row")
+    [row] = outbox_rows(db_url)
+    assert row["parked_at"] is None
+    assert row["available_at"] is not None and row["error"] == "nacked by RabbitMQ"
+
+
+def test_one_relay_serves_two_databases(db_url: str, amqp_url: str, template_db: str) -> None:
+    with servers.database_from(template_db) as other_url:
+        write_rows(db_url, make_rows(100))
+        write_rows(other_url, make_rows(150, destination="other"))
+        with running_relay(relay_config([db_url, other_url], amqp_url)):
+            wait_until(
+                lambda: outbox_count(db_url) + outbox_count(other_url) == 0,
+                20,
+                "both outboxes to drain",
+            )
+            write_rows(other_url, make_rows(5, destination="other"))  # woken by NOTIFY
+            wait_until(lambda: outbox_count(other_url) == 0, 5, "the late rows")
+    assert queue_depth(amqp_url) == 100
+    assert queue_depth(amqp_url, "other") == 155
+
+
+def test_check_reports_reachability(db_url: str, amqp_url: str) -> None:
+    def check(db: str, amqp: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SAGABOX_RELAY_DATABASE_URLS": db, "SAGABOX_AMQP_URL": amqp}
+        return subprocess.run(
+            [sys.executable, "-m", "sagabox", "relay", "--check"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert check(db_url, amqp_url).returncode == 0
+    bad = check(db_url.rsplit("/", 1)[0] + "/no_such_db", amqp_url)
+    assert bad.returncode == 1 and "no_such_db" in bad.stderr
+    bad = check(db_url, amqp_url.replace(":5672", ":1"))
+    assert bad.returncode == 1 and "rabbitmq" in bad.stderr
