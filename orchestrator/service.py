@@ -28,20 +28,19 @@ from orchestrator.engine import Orchestrator
 from orchestrator.errors import StoreError
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope, decode
+from outbox_relay.topology import Topology
 
 log = structlog.get_logger("sagabox.orchestrator")
 
-DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000  # what dramatiq gives its .XQ queues
 
-
-def declare_reply_queue(channel: BlockingChannel, queue: str) -> None:
-    """Declare the reply queue exactly as dramatiq would, so either may come first."""
-    arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue}.XQ"}
-    channel.queue_declare(queue=queue, durable=True, arguments=arguments)
-    channel.queue_declare(queue=f"{queue}.DQ", durable=True, arguments=arguments)
-    channel.queue_declare(
-        queue=f"{queue}.XQ", durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
-    )
+def declare_reply_queue(
+    channel: BlockingChannel, queue: str, topology: Topology | None = None
+) -> None:
+    """Declare the reply queue as the relay and dramatiq do, so any of them may come first."""
+    for declaration in (topology or Topology()).declarations(queue):
+        channel.queue_declare(
+            queue=declaration.name, durable=True, arguments=dict(declaration.arguments)
+        )
 
 
 @dataclass
@@ -62,6 +61,7 @@ class ReplyConsumer:
     batch_size: int = 200
     timer_interval: float = 0.25
     reconnect_delay: float = 1.0
+    topology: Topology = field(default_factory=Topology)
     on_batch: Callable[[int], None] | None = None
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _pending: list[_Delivery] = field(default_factory=list, init=False)
@@ -93,7 +93,7 @@ class ReplyConsumer:
         try:
             channel = connection.channel()
             channel.confirm_delivery()
-            declare_reply_queue(channel, self.queue)
+            declare_reply_queue(channel, self.queue, self.topology)
             # Enough in flight to fill two batches while one is being committed.
             channel.basic_qos(prefetch_count=self.batch_size * 2)
             channel.basic_consume(self.queue, self._on_message)

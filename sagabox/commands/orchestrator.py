@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         settings.reply_queue,
         batch_size=settings.batch_size,
         timer_interval=settings.timer_interval,
+        topology=settings.topology,
     )
     consumer.install_signal_handlers()
     consumer.run()

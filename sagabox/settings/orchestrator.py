@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from outbox_relay.errors import ConfigurationError
 from outbox_relay.message import DEFAULT_REPLY_QUEUE, is_valid_name
+from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from sagabox.settings import (
     DEFAULT_AMQP_URL,
     DEFAULT_DATABASE_URL,
@@ -26,6 +27,7 @@ class OrchestratorSettings:
     | SAGABOX_REPLY_QUEUE | sagabox.replies | queue the participants reply to |
     | SAGABOX_BATCH_SIZE | 200 | replies applied per transaction at most |
     | SAGABOX_TIMER_INTERVAL | 0.25 | seconds between timer sweeps |
+    | SAGABOX_QUORUM_QUEUES / SAGABOX_QUORUM_DELIVERY_LIMIT | false / 20 | quorum reply queue |
     | SAGABOX_LOG_LEVEL / SAGABOX_LOG_FILE | INFO / none | logging |
     """
 
@@ -37,6 +39,7 @@ class OrchestratorSettings:
     timer_interval: float
     log_level: str
     log_file: str | None
+    topology: Topology = field(default_factory=Topology)
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> OrchestratorSettings:
@@ -60,6 +63,10 @@ class OrchestratorSettings:
             reply_queue=reply_queue,
             batch_size=env.int("BATCH_SIZE", 200, minimum=1),
             timer_interval=env.float("TIMER_INTERVAL", 0.25, minimum=0.01),
+            topology=Topology(
+                quorum=env.bool("QUORUM_QUEUES", False),
+                delivery_limit=env.int("QUORUM_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT, minimum=1),
+            ),
             log_level=env.str("LOG_LEVEL", "INFO"),
             log_file=env.raw("LOG_FILE") or None,
         )
