@@ -32,8 +32,27 @@ def config(url: str) -> Config:
 
 
 def upgrade(url: str, branch: str = "orchestrator", revision: str = "head") -> None:
-    """Bring ``branch`` of the database at ``url`` to ``revision``."""
-    command.upgrade(config(url), f"{branch}@{revision}")
+    """Bring ``branch`` of the database at ``url`` to ``revision``.
+
+    The branches it depends on (the outbox under the orchestrator, say) are brought to
+    their own heads first: Alembic would only bring them to the revision named in
+    ``depends_on``, and later revisions of a shared branch would never be applied.
+    """
+    cfg = config(url)
+    for dependency in dependencies(branch):
+        command.upgrade(cfg, f"{dependency}@head")
+    command.upgrade(cfg, f"{branch}@{revision}")
+
+
+def dependencies(branch: str) -> list[str]:
+    """The other branches ``branch`` depends on, the deepest first."""
+    script = ScriptDirectory.from_config(config("postgresql://unused"))
+    order: list[str] = []
+    for rev in reversed(list(script.iterate_revisions(f"{branch}@head", "base"))):
+        for label in rev.branch_labels or ():
+            if label != branch and label not in order:
+                order.append(label)
+    return order
 
 
 def heads() -> dict[str, str]:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import uuid
+
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -18,6 +21,7 @@ from participants.examples.notification import metadata as notification_metadata
 from participants.examples.payment import metadata as payment_metadata
 from participants.examples.shipping import metadata as shipping_metadata
 from participants.tables import metadata as participant_metadata
+from tests import servers
 
 pytestmark = pytest.mark.integration
 
@@ -68,3 +72,26 @@ def test_models_match_the_migrated_schema(db_url: str) -> None:
         diff = compare_metadata(context, combined)
     engine.dispose()
     assert diff == []
+
+
+def test_upgrading_a_branch_brings_the_branches_it_depends_on_to_their_heads(
+    services: None,
+) -> None:
+    name = f"sagabox_test_mig_{uuid.uuid4().hex[:8]}"
+    servers.admin(f'CREATE DATABASE "{name}"')
+    try:
+        url = servers.database_url(name)
+        migrations.upgrade(url, "example_inventory")
+        with psycopg.connect(url) as conn:
+            versions = {
+                r[0] for r in conn.execute("SELECT version_num FROM sagabox.alembic_version")
+            }
+            options = conn.execute(
+                "SELECT reloptions FROM pg_class WHERE oid = 'sagabox.outbox'::regclass"
+            ).fetchone()
+        heads = migrations.heads()
+        # participant_0001 is an ancestor of the example head, so it is not listed itself.
+        assert {heads["outbox"], heads["example_inventory"]} <= versions
+        assert options is not None and "autovacuum_vacuum_threshold=10000" in options[0]
+    finally:
+        servers.drop_database(name)
