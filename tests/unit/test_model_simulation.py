@@ -1,0 +1,266 @@
+"""A model-level simulation of the whole system, in memory: the real pure machine on
+the orchestrator's side, the real participant SDK (with its in-memory inbox) on the
+services' side, and a hostile network between them that duplicates, reorders and
+delays messages, while nodes crash between their commit and their ack and the clock
+jumps. Invariants hold after every step; at teardown the network drains and every
+saga settles with its effects consistent."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from orchestrator import Registry, Retry, Saga, Step, data, result
+from orchestrator.events import TimersDue, event_from_reply
+from orchestrator.machine import Command, start, transition
+from orchestrator.state import SETTLED, SagaState, SagaStatus
+from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope
+from participants import BusinessFailure, Context, Participant, Payload
+from participants.testing import MemoryInbox
+
+STOCK = 12
+FUNDS = {"ann": 500, "ben": 40}
+
+SHOP = Saga(
+    "shop",
+    version=1,
+    input={"customer": str, "qty": int, "amount": int},
+    steps=[
+        Step(
+            "reserve",
+            "stock",
+            "reserve",
+            compensation="release",
+            payload={"qty": data("qty")},
+            result=("reservation",),
+            timeout=5,
+            retry=Retry(max_attempts=3, initial=1.0),
+        ),
+        Step(
+            "charge",
+            "bank",
+            "charge",
+            compensation="refund",
+            payload={
+                "customer": data("customer"),
+                "amount": data("amount"),
+                "reservation": result("reserve", "reservation"),
+            },
+            timeout=5,
+            retry=Retry(max_attempts=2, initial=2.0),
+        ),
+    ],
+)
+Registry([SHOP])
+
+
+@dataclass
+class Services:
+    """The services' own 'databases': what was applied, keyed by saga."""
+
+    stock: int = STOCK
+    reservations: dict[str, int] = field(default_factory=dict)
+    funds: dict[str, int] = field(default_factory=lambda: dict(FUNDS))
+    charges: dict[str, tuple[str, int]] = field(default_factory=dict)
+    applied: list[tuple[str, str]] = field(default_factory=list)
+
+
+def build_participants(world: Services) -> dict[str, Participant]:
+    stock, bank = Participant("stock"), Participant("bank")
+
+    @stock.command("reserve", compensation="release")
+    def reserve(_: Any, payload: Payload, ctx: Context) -> dict[str, Any]:
+        qty = int(payload["qty"])
+        if qty > world.stock:
+            raise BusinessFailure("out of stock")
+        world.stock -= qty
+        world.reservations[ctx.saga_id] = qty
+        world.applied.append((ctx.saga_id, "reserve"))
+        return {"reservation": f"r-{ctx.saga_id[:8]}"}
+
+    @stock.compensation("release")
+    def release(_: Any, payload: Payload, ctx: Context) -> None:
+        world.stock += world.reservations.pop(ctx.saga_id)
+        world.applied.append((ctx.saga_id, "release"))
+
+    @bank.command("charge", compensation="refund")
+    def charge(_: Any, payload: Payload, ctx: Context) -> dict[str, Any]:
+        customer, amount = str(payload["customer"]), int(payload["amount"])
+        if world.funds[customer] < amount:
+            raise BusinessFailure("insufficient funds")
+        world.funds[customer] -= amount
+        world.charges[ctx.saga_id] = (customer, amount)
+        world.applied.append((ctx.saga_id, "charge"))
+        return {}
+
+    @bank.compensation("refund")
+    def refund(_: Any, payload: Payload, ctx: Context) -> None:
+        customer, amount = world.charges.pop(ctx.saga_id)
+        world.funds[customer] += amount
+        world.applied.append((ctx.saga_id, "refund"))
+
+    return {"stock": stock, "bank": bank}
+
+
+def to_envelope(state: SagaState, command: Command, now: float) -> Envelope:
+    return Envelope(
+        message_id=command.message_id,
+        correlation_id=command.saga_id,
+        causation_id=None,
+        saga=state.name,
+        version=state.version,
+        step=command.step,
+        attempt=command.attempt,
+        kind=command.kind,
+        type=command.type,
+        payload=command.payload,
+        reply_to=DEFAULT_REPLY_QUEUE,
+        sent_at=now,
+    )
+
+
+class SystemModel(RuleBasedStateMachine):
+    @initialize(seed=st.integers(0, 2**32 - 1))
+    def setup(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.sagas: dict[str, SagaState] = {}
+        self.reply_inbox: set[str] = set()
+        self.network: list[Envelope] = []
+        self.services = Services()
+        self.participants = build_participants(self.services)
+        self.inboxes = {name: MemoryInbox() for name in self.participants}
+
+    # -- the orchestrator's side -------------------------------------------------
+
+    def _emit(self, state: SagaState, commands: tuple[Command, ...]) -> None:
+        self.network.extend(to_envelope(state, c, self.now) for c in commands)
+
+    @precondition(lambda self: len(self.sagas) < 6)
+    @rule(
+        customer=st.sampled_from(sorted(FUNDS)), qty=st.integers(1, 6), amount=st.integers(10, 300)
+    )
+    def start_saga(self, customer: str, qty: int, amount: int) -> None:
+        saga_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        t = start(SHOP, saga_id, {"customer": customer, "qty": qty, "amount": amount}, self.now)
+        self.sagas[saga_id] = t.state
+        self._emit(t.state, t.commands)
+
+    def _apply_reply(self, reply: Envelope) -> None:
+        if reply.message_id in self.reply_inbox:
+            return  # the reply inbox absorbs it
+        self.reply_inbox.add(reply.message_id)
+        state = self.sagas[reply.correlation_id]
+        t = transition(SHOP, state, event_from_reply(reply), self.now)
+        self.sagas[reply.correlation_id] = t.state
+        self._emit(t.state, t.commands)
+
+    @rule(jump=st.floats(0.1, 8.0))
+    def clock_jumps_and_timers_fire(self, jump: float) -> None:
+        self.now += jump
+        for saga_id, state in list(self.sagas.items()):
+            wake = state.wake_at
+            if wake is not None and wake <= self.now:
+                t = transition(SHOP, state, TimersDue(), self.now)
+                self.sagas[saga_id] = t.state
+                self._emit(t.state, t.commands)
+
+    # -- the network ------------------------------------------------------------
+
+    def _deliver(self, index: int, *, crash_before_ack: bool) -> None:
+        message = self.network[index]
+        if not crash_before_ack:
+            self.network.pop(index)
+        # A crash after the commit and before the ack: the work is done and the
+        # message comes back (it stays in the network).
+        if message.kind == "reply":
+            self._apply_reply(message)
+        else:
+            participant = self.participants[_queue(message)]
+            inbox = self.inboxes[participant.name]
+            before = len(inbox.sent)
+            participant.handle(None, message, inbox=inbox)  # type: ignore[arg-type]
+            self.network.extend(reply for _, reply in inbox.sent[before:])
+
+    @precondition(lambda self: bool(self.network))
+    @rule(pick=st.integers(0, 10_000))
+    def deliver(self, pick: int) -> None:
+        self._deliver(pick % len(self.network), crash_before_ack=False)
+
+    @precondition(lambda self: bool(self.network))
+    @rule(pick=st.integers(0, 10_000))
+    def crash_between_commit_and_ack(self, pick: int) -> None:
+        self._deliver(pick % len(self.network), crash_before_ack=True)
+
+    @precondition(lambda self: bool(self.network))
+    @rule(pick=st.integers(0, 10_000))
+    def duplicate(self, pick: int) -> None:
+        self.network.append(self.network[pick % len(self.network)])
+
+    @precondition(lambda self: bool(self.network))
+    @rule(pick=st.integers(0, 10_000))
+    def reorder(self, pick: int) -> None:
+        self.network.append(self.network.pop(pick % len(self.network)))
+
+    # -- invariants ---------------------------------------------------------------
+
+    @invariant()
+    def stock_and_money_are_conserved(self) -> None:
+        s = self.services
+        assert s.stock + sum(s.reservations.values()) == STOCK
+        charged: dict[str, int] = dict.fromkeys(FUNDS, 0)
+        for customer, amount in s.charges.values():
+            charged[customer] += amount
+        assert all(s.funds[c] + charged[c] == FUNDS[c] for c in FUNDS)
+        assert all(v >= 0 for v in s.funds.values()) and s.stock >= 0
+
+    @invariant()
+    def no_effect_is_applied_twice(self) -> None:
+        applied = self.services.applied
+        assert len(applied) == len(set(applied)), "an effect was applied twice"
+
+    @invariant()
+    def running_sagas_always_have_a_timer(self) -> None:
+        for state in self.sagas.values():
+            if state.status not in SETTLED:
+                assert state.wake_at is not None, "a running saga could be forgotten"
+
+    def teardown(self) -> None:
+        if not hasattr(self, "sagas"):
+            return
+        for _ in range(5_000):
+            if self.network:
+                self._deliver(0, crash_before_ack=False)
+            elif any(s.status not in SETTLED for s in self.sagas.values()):
+                self.clock_jumps_and_timers_fire(5.0)
+            else:
+                break
+        assert not self.network
+        for saga_id, state in self.sagas.items():
+            assert state.status in SETTLED
+            effects = {what for sid, what in self.services.applied if sid == saga_id}
+            held = saga_id in self.services.reservations or saga_id in self.services.charges
+            if state.status is SagaStatus.COMPLETED:
+                assert {"reserve", "charge"} <= effects and held
+            elif state.status is SagaStatus.COMPENSATED:
+                assert not held, f"compensated saga {saga_id} still holds {effects}"
+
+
+def _queue(message: Envelope) -> str:
+    return SHOP.step(message.step).participant
+
+
+SystemModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+test_the_system_model = SystemModel.TestCase
