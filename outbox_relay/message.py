@@ -87,12 +87,21 @@ def encode(envelope: Envelope, *, queue: str, actor: str) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
-def decode(body: bytes | str) -> Envelope:
+# Year 2286: far enough for any clock, small enough for every timestamp type.
+MAX_SENT_AT = 10_000_000_000
+
+# Saga state keeps step results, so one reply must not be able to bloat it.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def decode(body: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
     """Parse a wire body into an Envelope, or raise MessageError saying why."""
+    if len(body) > max_bytes:
+        raise MessageError(f"message of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MessageError(f"body is not JSON: {e}") from e
+        message = json.loads(body, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MessageError(f"body is not JSON: {str(e)[:200]}") from e
     if not isinstance(message, dict):
         raise MessageError("body is not a JSON object")
     args = message.get("args")
@@ -117,7 +126,7 @@ def envelope_from_dict(data: object) -> Envelope:
     step = _name(data, "step")
     attempt = _int(data, "attempt", minimum=1)
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise MessageError(f"'kind' must be one of {sorted(KINDS)}, got {kind!r}")
     type_ = _name(data, "type")
     if kind == "reply" and type_ not in REPLY_TYPES:
@@ -129,8 +138,14 @@ def envelope_from_dict(data: object) -> Envelope:
     if reply_to is not None and not is_valid_name(reply_to):
         raise MessageError(f"'reply_to' is not a valid queue name: {reply_to!r}")
     sent_at = data.get("sent_at", 0.0)
-    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float):
-        raise MessageError("'sent_at' must be a number (seconds since the epoch)")
+    if (
+        isinstance(sent_at, bool)
+        or not isinstance(sent_at, int | float)
+        or not 0 <= sent_at <= MAX_SENT_AT
+    ):
+        raise MessageError(
+            f"'sent_at' must be seconds since the epoch (0 to {MAX_SENT_AT}), got {sent_at!r:.40}"
+        )
     return Envelope(
         message_id=message_id,
         correlation_id=correlation_id,
@@ -148,6 +163,11 @@ def envelope_from_dict(data: object) -> Envelope:
 
 
 _FIELDS = frozenset(Envelope.__dataclass_fields__)
+
+
+def _refuse_constant(name: str) -> object:
+    # NaN and Infinity are not JSON, and PostgreSQL's jsonb would refuse them later.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _uuid(data: Mapping[str, Any], key: str) -> str:

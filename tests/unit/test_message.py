@@ -1,0 +1,95 @@
+"""The message contract: round trips, and a decoder that fails only with MessageError."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from outbox_relay.errors import MessageError
+from outbox_relay.message import Envelope, decode, encode, envelope_from_dict
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+FIELD_NAMES = st.sampled_from([*sorted(Envelope.__dataclass_fields__), "extra", "args", ""])
+
+
+def envelope(**overrides: Any) -> Envelope:
+    fields: dict[str, Any] = {
+        "message_id": str(uuid.uuid4()),
+        "correlation_id": str(uuid.uuid4()),
+        "causation_id": None,
+        "saga": "place_order",
+        "version": 1,
+        "step": "reserve",
+        "attempt": 1,
+        "kind": "command",
+        "type": "reserve_stock",
+        "payload": {"sku": "a", "qty": 2},
+        "reply_to": "sagabox.replies",
+        "sent_at": 1.5,
+    }
+    fields.update(overrides)
+    return Envelope(**fields)
+
+
+def test_an_envelope_survives_the_wire() -> None:
+    original = envelope()
+    body = encode(original, queue="inventory", actor="reserve_stock")
+    message = json.loads(body)
+    assert message["queue_name"] == "inventory" and message["actor_name"] == "reserve_stock"
+    assert message["message_id"] == original.message_id
+    assert decode(body) == original
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_any_bytes_decode_or_raise_message_error(body: bytes) -> None:
+    with contextlib.suppress(MessageError):
+        decode(body)
+
+
+@settings(max_examples=500)
+@given(JSON)
+def test_any_json_as_the_argument_decodes_or_raises_message_error(arg: Any) -> None:
+    body = json.dumps({"args": [arg]})
+    with pytest.raises(MessageError):
+        decode(body)
+
+
+@settings(max_examples=1000)
+@given(FIELD_NAMES, JSON)
+def test_one_corrupted_field_is_refused_with_a_message_error(name: str, value: Any) -> None:
+    data = envelope().to_dict()
+    data[name] = value
+    try:
+        parsed = envelope_from_dict(data)
+    except MessageError:
+        return
+    # Whatever got through must be a valid envelope that encodes again.
+    assert decode(encode(parsed, queue="q", actor="a")) == parsed
+
+
+def test_a_message_over_the_size_limit_is_refused() -> None:
+    body = encode(envelope(payload={"blob": "x" * 2_000_000}), queue="q", actor="a")
+    with pytest.raises(MessageError, match="exceeds the limit"):
+        decode(body)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(constant: str) -> None:
+    body = encode(envelope(), queue="q", actor="a").replace(
+        '"sent_at":1.5', f'"sent_at":{constant}'
+    )
+    with pytest.raises(MessageError, match="not valid JSON"):
+        decode(body)
