@@ -49,6 +49,9 @@ class BenchResult:
     raw_seconds: float
     relay_seconds: float
     latencies_ms: list[float]
+    # (rows left, table + index bytes) right after the drain, then after a VACUUM.
+    outbox_after: tuple[int, int] = (0, 0)
+    outbox_vacuumed: tuple[int, int] = (0, 0)
 
     @property
     def raw_rate(self) -> float:
@@ -76,6 +79,10 @@ class BenchResult:
                 f"commit-to-consume at light load ({len(self.latencies_ms)} rows):"
                 f" p50 {statistics.median(self.latencies_ms):.1f} ms,"
                 f" p95 {self.percentile(0.95):.1f} ms, max {max(self.latencies_ms):.1f} ms",
+                f"outbox after the drain: {self.outbox_after[0]} rows,"
+                f" {self.outbox_after[1] / 1024:.0f} kB;"
+                f" after VACUUM: {self.outbox_vacuumed[0]} rows,"
+                f" {self.outbox_vacuumed[1] / 1024:.0f} kB",
             ]
         )
 
@@ -112,6 +119,7 @@ def run(
             time.sleep(0.005)
         relay_seconds = time.perf_counter() - started
         _purge(amqp)
+        after = _outbox_size(db)
         try:
             progress(
                 f"latency: {latency_messages} single-row commits, {spacing * 1000:.0f} ms apart"
@@ -119,7 +127,21 @@ def run(
             latencies = _latency(db, amqp, latency_messages, spacing)
         finally:
             runner.stop()
-        return BenchResult(messages, raw_seconds, relay_seconds, latencies)
+        return BenchResult(
+            messages, raw_seconds, relay_seconds, latencies, after, _outbox_size(db, vacuum=True)
+        )
+
+
+def _outbox_size(db: str, *, vacuum: bool = False) -> tuple[int, int]:
+    """Rows left in the outbox and the bytes its table and indexes take on disk."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        if vacuum:
+            conn.execute("VACUUM sagabox.outbox")
+        row = conn.execute(
+            "SELECT count(*), pg_total_relation_size('sagabox.outbox') FROM sagabox.outbox"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def _fields(config: RelayConfig) -> dict[str, Any]:
