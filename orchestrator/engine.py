@@ -5,6 +5,9 @@ lock the sagas, dedup the replies in the inbox, decide, save state and history,
 add the commands to the outbox; then commit. Only after the commit does the
 caller acknowledge the messages, so a crash anywhere redoes the whole batch and
 the inbox makes the redo a no-op.
+
+Operator actions (retry_step, skip_step, abort, resume) are events of the machine
+too, each applied in its own transaction with the actor kept in the history.
 """
 
 from __future__ import annotations
@@ -27,10 +30,22 @@ from orchestrator import store
 from orchestrator.errors import (
     IdempotencyConflictError,
     InvalidInputError,
+    OperatorActionError,
     StoreError,
     UnknownSagaError,
 )
-from orchestrator.events import Event, Started, TimersDue, event_from_dict, event_from_reply
+from orchestrator.events import (
+    Event,
+    OperatorEvent,
+    SagaAborted,
+    SagaResumed,
+    Started,
+    StepRetried,
+    StepSkipped,
+    TimersDue,
+    event_from_dict,
+    event_from_reply,
+)
 from orchestrator.machine import Command, Transition, start, transition
 from orchestrator.registry import Registry
 from orchestrator.state import SagaState
@@ -277,13 +292,80 @@ class Orchestrator:
             self._save(conn, states, history_rows, messages)
         return len(rows)
 
+    # -- operator actions --------------------------------------------------------
+
+    def retry_step(self, saga_id: str, step: str, *, actor: str, reason: str) -> SagaState:
+        """A new attempt of the parked step (or of its compensation); returns the new state."""
+        return self._operate(saga_id, StepRetried(step, actor=actor, reason=reason))
+
+    def skip_step(
+        self,
+        saga_id: str,
+        step: str,
+        *,
+        actor: str,
+        reason: str,
+        result: Mapping[str, Any] | None = None,
+    ) -> SagaState:
+        """Count a step as done by hand (succeeded with ``result``, or compensated)."""
+        if result is not None:
+            if not isinstance(result, Mapping):
+                raise OperatorActionError(f"the result for {step} must be a JSON object")
+            try:
+                json.dumps(result, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise OperatorActionError(f"the result for {step} is not JSON: {e}") from e
+            result = dict(result)
+        return self._operate(saga_id, StepSkipped(step, result, actor=actor, reason=reason))
+
+    def abort(self, saga_id: str, *, actor: str, reason: str) -> SagaState:
+        """Start backward recovery of a saga whose pivot has not passed."""
+        return self._operate(saga_id, SagaAborted(actor=actor, reason=reason))
+
+    def resume(self, saga_id: str, *, actor: str, reason: str) -> SagaState:
+        """A parked saga goes on where it stopped."""
+        return self._operate(saga_id, SagaResumed(actor=actor, reason=reason))
+
+    def _operate(self, saga_id: str, event: OperatorEvent) -> SagaState:
+        """One operator action in one transaction; refused actions change nothing."""
+        _check_saga_id(saga_id)
+        now = self.clock()
+        with self._begin() as conn:
+            row = store.lock_sagas(conn, [saga_id]).get(saga_id)
+            if row is None:
+                raise UnknownSagaError(f"no saga with id {saga_id}")
+            definition = self.registry.get(row.name, row.version)
+            state = SagaState.from_dict(row.state)
+            t = transition(definition, state, event, now)
+            with structlog.contextvars.bound_contextvars(
+                correlation_id=row.id, saga=row.name, version=row.version, actor=event.actor
+            ):
+                if not t.changed:
+                    log.warning("operator_action_refused", action=event.type, note=t.note)
+                    raise OperatorActionError(
+                        f"cannot {_VERBS[event.type]} saga {saga_id}: "
+                        + t.note.removeprefix("refused: ")
+                    )
+                revision = row.revision + 1
+                messages = [self._outgoing(row.name, row.version, c, None, now) for c in t.commands]
+                self._save(
+                    conn,
+                    {row.id: (row, t.state, revision)},
+                    [_history_row(t, event, state, revision, now)],
+                    messages,
+                )
+                log.info(
+                    "operator_action_applied",
+                    action=event.type,
+                    status=t.state.status.value,
+                    note=t.note,
+                )
+        return t.state
+
     # -- reading -----------------------------------------------------------------
 
     def get(self, saga_id: str) -> SagaView:
-        try:
-            uuid.UUID(saga_id)
-        except (ValueError, TypeError, AttributeError):
-            raise UnknownSagaError(f"{saga_id!r} is not a saga id (a UUID)") from None
+        _check_saga_id(saga_id)
         with self._begin() as conn:
             row = store.get_saga(conn, saga_id)
             if row is None:
@@ -396,8 +478,23 @@ def _history_row(
         "reason": t.note or None,
         "event_data": event.to_dict(),
         "emitted": [c.message_id for c in t.commands] or None,
-        "actor": None,
+        "actor": event.actor if isinstance(event, OperatorEvent) else None,
     }
+
+
+_VERBS = {
+    StepRetried.type: "retry a step of",
+    StepSkipped.type: "skip a step of",
+    SagaAborted.type: "abort",
+    SagaResumed.type: "resume",
+}
+
+
+def _check_saga_id(saga_id: str) -> None:
+    try:
+        uuid.UUID(saga_id)
+    except (ValueError, TypeError, AttributeError):
+        raise UnknownSagaError(f"{saga_id!r} is not a saga id (a UUID)") from None
 
 
 @contextmanager

@@ -38,3 +38,8 @@ class IdempotencyConflictError(OrchestratorError):
 
 class StoreError(OrchestratorError):
     """The state store failed; the driver's error is the cause."""
+
+
+class OperatorActionError(OrchestratorError):
+    """An operator action (retry, skip, abort, resume) that does not fit the saga:
+    nothing was changed."""

@@ -82,6 +82,45 @@ class TimersDue(Event):
     type: ClassVar[str] = "timers_due"
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorEvent(Event):
+    """A person's decision about a parked or running saga: who took it and why."""
+
+    actor: str = field(default="", kw_only=True)
+    reason: str = field(default="", kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRetried(OperatorEvent):
+    """Send a new attempt of the parked step (or of its compensation)."""
+
+    type: ClassVar[str] = "step_retried"
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepSkipped(OperatorEvent):
+    """Count a step as done by hand: succeeded with ``result``, or compensated."""
+
+    type: ClassVar[str] = "step_skipped"
+    step: str
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaAborted(OperatorEvent):
+    """Start backward recovery of a saga whose pivot has not passed."""
+
+    type: ClassVar[str] = "saga_aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class SagaResumed(OperatorEvent):
+    """A parked saga goes on where it stopped."""
+
+    type: ClassVar[str] = "saga_resumed"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (
@@ -93,6 +132,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CompensationSucceeded,
         CompensationFailed,
         TimersDue,
+        StepRetried,
+        StepSkipped,
+        SagaAborted,
+        SagaResumed,
     )
 }
 

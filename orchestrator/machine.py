@@ -20,8 +20,23 @@ Rules in brief (docs/sagas.md has the long form):
   participant handles (cancel-before-do). Late replies are then ignored.
 - A compensation that fails is retried by its own policy; when that runs out the
   saga is parked (status ``failed``) for an operator.
-- Settled sagas (completed, compensated, failed) ignore every event, so a parked
-  saga never emits a command.
+- Settled sagas (completed, compensated, failed) ignore every reply and timer, so
+  a parked saga never emits a command until an operator acts.
+
+Operator actions are events too (``OperatorEvent``), so the history replays them:
+- retry: a new attempt of the parked step, or of its compensation; the saga goes
+  back to where it was parked from (running or compensating), and the other
+  unfinished steps of the current stage are sent again (new attempts).
+- skip: the step is done by hand: a forward step succeeds with the operator's
+  result (which must hold the declared result fields), a compensation counts as
+  compensated; then the saga goes on.
+- abort: backward recovery of a running saga, or of one parked before its pivot
+  passed; refused once the pivot succeeded, while it is in flight, or when the
+  saga already compensates or has ended.
+- resume: a parked saga goes on where it stopped: the unfinished steps of the
+  current stage get a new attempt, or the stopped (or next) compensation is sent.
+An action that does not fit the saga's state is refused: the transition is
+unchanged and its note starts with ``refused:`` (the engine raises on it).
 """
 
 from __future__ import annotations
@@ -37,11 +52,16 @@ from orchestrator.events import (
     CompensationFailed,
     CompensationSucceeded,
     Event,
+    OperatorEvent,
+    SagaAborted,
+    SagaResumed,
     Started,
     StepCancelled,
     StepErrored,
     StepEvent,
     StepFailed,
+    StepRetried,
+    StepSkipped,
     StepSucceeded,
     TimersDue,
 )
@@ -117,6 +137,8 @@ def transition(definition: Saga, state: SagaState, event: Event, now: float) -> 
             f"definition {definition.name} v{definition.version} does not match "
             f"saga {state.name} v{state.version}"
         )
+    if isinstance(event, OperatorEvent):
+        return _operate(definition, state, event, now)
     if state.status in SETTLED:
         return Transition(state, changed=False, note=f"ignored: saga is {state.status}")
     if isinstance(event, Started):
@@ -179,6 +201,105 @@ def _on_timers(definition: Saga, state: SagaState, now: float) -> Transition:
     if not fired:
         return Transition(state, changed=False, note="ignored: nothing due")
     return d.done("timers fired: " + ", ".join(fired))
+
+
+def operator_refusal(definition: Saga, state: SagaState, event: OperatorEvent) -> str:
+    """Why this operator action does not fit the saga's state; '' when it does."""
+    if not event.actor.strip():
+        return "an operator action needs an actor (who)"
+    if not event.reason.strip():
+        return "an operator action needs a reason (why)"
+    if isinstance(event, SagaAborted):
+        return _abort_refusal(definition, state)
+    if state.status is not SagaStatus.FAILED:
+        return f"saga is {state.status}, not parked (failed)"
+    backward = state.parked_from is SagaStatus.COMPENSATING
+    if isinstance(event, SagaResumed):
+        if backward:
+            return ""
+        refused = [
+            s.name
+            for s in current_stage(definition, state)
+            if state.steps[s.name].status is StepStatus.REJECTED
+        ]
+        if refused:
+            return (
+                f"step {refused[0]} was refused by its participant: retry or skip it"
+                " (or abort, before the pivot)"
+            )
+        return ""
+    if not isinstance(event, StepRetried | StepSkipped):
+        return f"unknown operator action {event.type}"
+    if event.step not in state.steps:
+        return f"saga has no step {event.step!r}"
+    if isinstance(event, StepRetried) or backward:
+        if event.step != state.parked_step:
+            return f"step {event.step} is not the parked step ({state.parked_step})"
+        if isinstance(event, StepSkipped) and event.result is not None:
+            return "a skipped compensation takes no result"
+        return ""
+    stage = [s.name for s in current_stage(definition, state)]
+    if event.step not in stage or state.steps[event.step].status is StepStatus.SUCCEEDED:
+        return f"step {event.step} is not an unfinished step of the current stage {stage}"
+    result = {} if event.result is None else event.result
+    missing = _missing_result_fields(definition.step(event.step), result)
+    return f"the result given for {event.step}: {missing}" if missing else ""
+
+
+def _abort_refusal(definition: Saga, state: SagaState) -> str:
+    if state.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED):
+        return f"saga is {state.status}"
+    if SagaStatus.COMPENSATING in (state.status, state.parked_from):
+        return "saga is already compensating"
+    pivot = definition.pivot_stage
+    if pivot is None:
+        return ""
+    statuses = {s.name: state.steps[s.name].status for s in definition.stages[pivot]}
+    if all(s is StepStatus.SUCCEEDED for s in statuses.values()):
+        return "its pivot has passed: the saga only goes forward"
+    in_flight = [n for n, s in statuses.items() if s in FORWARD_IN_PROGRESS]
+    if in_flight and state.status is SagaStatus.RUNNING:
+        # The pivot has no compensation: undoing around it needs its outcome.
+        return f"its pivot {in_flight[0]} is in flight: wait for its outcome"
+    return ""
+
+
+def current_stage(definition: Saga, state: SagaState) -> tuple[Step, ...]:
+    """The first stage not fully succeeded; () when every stage succeeded."""
+    for stage in definition.stages:
+        if any(state.steps[s.name].status is not StepStatus.SUCCEEDED for s in stage):
+            return stage
+    return ()
+
+
+def _operate(definition: Saga, state: SagaState, event: OperatorEvent, now: float) -> Transition:
+    problem = operator_refusal(definition, state, event)
+    if problem:
+        return Transition(state, changed=False, note=f"refused: {problem}")
+    d = _Decision(definition, state, now)
+    by = f"by {event.actor}: {event.reason}"
+    if isinstance(event, SagaAborted):
+        d.compensate(f"aborted {by}")
+        return d.done(f"saga aborted {by}")
+    d.unpark()
+    backward = d.state.status is SagaStatus.COMPENSATING
+    if isinstance(event, StepRetried):
+        note = f"step {event.step} retried {by}"
+        if backward:
+            step = definition.step(event.step)
+            d.send_compensation(step, d.state.steps[step.name].comp_attempt + 1)
+        else:
+            d.continue_forward()
+    elif isinstance(event, StepSkipped):
+        note = f"step {event.step} skipped {by}"
+        d.skip(event.step, event.result, f"skipped {by}")
+    else:
+        note = f"saga resumed {by}"
+        if backward:
+            d.continue_backward()
+        else:
+            d.continue_forward()
+    return d.done(note)
 
 
 @dataclass
@@ -410,9 +531,59 @@ class _Decision:
             for name, s in self.state.steps.items()
         }
         self.state = replace(
-            self.state, status=SagaStatus.FAILED, steps=steps, reason=reason, parked_step=step
+            self.state,
+            status=SagaStatus.FAILED,
+            steps=steps,
+            reason=reason,
+            parked_step=step,
+            parked_from=self.state.status,
         )
         self.notes.append(f"parked: {reason}")
+
+    def unpark(self) -> None:
+        status = self.state.parked_from or SagaStatus.RUNNING
+        # Back to running, the parking reason is history; compensating keeps its cause.
+        reason = self.state.reason if status is SagaStatus.COMPENSATING else None
+        self.state = replace(
+            self.state, status=status, reason=reason, parked_step=None, parked_from=None
+        )
+
+    def skip(self, name: str, result: Any, why: str) -> None:
+        """The step was done by hand: succeeded with ``result``, or compensated."""
+        if self.state.status is SagaStatus.COMPENSATING:
+            self._set(name, status=StepStatus.COMPENSATED, due=None, reason=why)
+            self.continue_backward()
+        else:
+            self._set(name, status=StepStatus.SUCCEEDED, result=dict(result or {}), due=None)
+            self.continue_forward()
+
+    def continue_forward(self) -> None:
+        """Send a new attempt of every unfinished step of the current stage, or advance.
+
+        Attempts in flight when the saga parked lost their timers and maybe their
+        replies (a parked saga ignores them), so they are sent again; participants
+        dedup by saga + step, so this never applies a step twice.
+        """
+        stage = current_stage(self.definition, self.state)
+        for step in stage:
+            current = self.state.steps[step.name]
+            if current.status not in (StepStatus.PENDING, StepStatus.SUCCEEDED):
+                self.dispatch(step, current.attempt + 1)
+                if self.state.status is not SagaStatus.RUNNING:
+                    return
+        self.advance()
+
+    def continue_backward(self) -> None:
+        """Send again the compensation that stopped, else the next one in reverse order."""
+        for step in reversed(self.definition.flat_steps):
+            current = self.state.steps[step.name]
+            stopped = current.status in COMPENSATION_IN_PROGRESS or (
+                current.status is StepStatus.COMPENSATION_FAILED
+            )
+            if stopped:
+                self.send_compensation(step, current.comp_attempt + 1)
+                return
+        self.compensate_next()
 
     def _set(self, name: str, **changes: Any) -> None:
         self.state = self.state.with_step(name, **changes)

@@ -36,6 +36,7 @@ class StepStatus(StrEnum):
 
 COMPENSATION_IN_PROGRESS = frozenset({StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRYING})
 FORWARD_IN_PROGRESS = frozenset({StepStatus.ACTIVE, StepStatus.RETRYING})
+COMPENSATION_DONE_OR_FAILED = frozenset({StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED})
 
 # Steps whose command may have taken effect and so must be compensated.
 NEEDS_COMPENSATION = frozenset({StepStatus.SUCCEEDED, StepStatus.ABANDONED})
@@ -96,6 +97,9 @@ class SagaState:
     steps: Mapping[str, StepState]
     reason: str | None = None
     parked_step: str | None = None
+    # The status a parked saga had when it stopped (running or compensating): an
+    # operator's retry, skip or resume takes it back there.
+    parked_from: SagaStatus | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def step(self, name: str) -> StepState:
@@ -141,6 +145,8 @@ class SagaState:
             out["reason"] = self.reason
         if self.parked_step is not None:
             out["parked_step"] = self.parked_step
+        if self.parked_from is not None:
+            out["parked_from"] = self.parked_from.value
         if self.extra:
             out["extra"] = dict(self.extra)
         return out
@@ -156,5 +162,19 @@ class SagaState:
             steps={name: StepState.from_dict(s) for name, s in data["steps"].items()},
             reason=data.get("reason"),
             parked_step=data.get("parked_step"),
+            parked_from=_parked_from(data),
             extra=data.get("extra", {}),
         )
+
+
+def _parked_from(data: Mapping[str, Any]) -> SagaStatus | None:
+    if "parked_from" in data:
+        return SagaStatus(data["parked_from"])
+    if data["status"] != SagaStatus.FAILED.value:
+        return None
+    # Sagas parked before parked_from was recorded: a step that reached its
+    # compensation tells that the saga was compensating.
+    backward = {s.value for s in (*COMPENSATION_IN_PROGRESS, *COMPENSATION_DONE_OR_FAILED)}
+    if any(step["status"] in backward for step in data["steps"].values()):
+        return SagaStatus.COMPENSATING
+    return SagaStatus.RUNNING

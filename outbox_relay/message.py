@@ -84,7 +84,7 @@ def encode(envelope: Envelope, *, queue: str, actor: str) -> str:
         "message_id": envelope.message_id,
         "message_timestamp": int((envelope.sent_at or time.time()) * 1000),
     }
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 # Year 2286: far enough for any clock, small enough for every timestamp type.

@@ -14,11 +14,15 @@ from outbox_relay.errors import SagaboxError
 COMMAND_MODULES = (
     "sagabox.commands.db",
     "sagabox.commands.saga",
+    "sagabox.commands.operate",
+    "sagabox.commands.diagram",
     "sagabox.commands.relay",
     "sagabox.commands.orchestrator",
     "sagabox.commands.participant",
     "sagabox.commands.demo",
     "sagabox.commands.bench",
+    "sagabox.commands.trace",
+    "sagabox.commands.up",
 )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import re
 import sys
 from typing import Any
 
@@ -32,11 +34,41 @@ def register(subparsers: Any) -> None:
         "--status", choices=["running", "compensating", "completed", "compensated", "failed"]
     )
     listing.add_argument("--name")
+    listing.add_argument(
+        "--older-than",
+        type=parse_age,
+        metavar="AGE",
+        help="only sagas started longer ago than AGE (e.g. 90s, 10m, 2h, 3d)",
+    )
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(handler=list_command)
 
 
-def _orchestrator() -> Orchestrator:
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(text: str) -> dt.timedelta:
+    """'90s', '10m', '2h', '3d' as a timedelta (argparse reports a bad one)."""
+    match = _AGE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 90s, 10m, 2h or 3d")
+    return dt.timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def format_age(age: dt.timedelta) -> str:
+    """The two largest units: 45s, 12m30s, 3h5m, 2d4h."""
+    seconds = max(0, int(age.total_seconds()))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count or parts:
+            parts.append(f"{count}{unit}")
+    return "".join(parts[:2]) or "0s"
+
+
+def orchestrator_from_env() -> Orchestrator:
+    """The Orchestrator the saga commands work through, from SAGABOX_* settings."""
     settings = OrchestratorSettings.from_env()
     return Orchestrator(
         make_engine(settings.database_url, pool_size=1),
@@ -50,13 +82,15 @@ def start_saga(args: argparse.Namespace) -> int:
         data = json.loads(args.data)
     except ValueError as e:
         raise InvalidInputError(f"--data is not JSON: {e}") from e
-    saga_id = _orchestrator().start(args.name, data, version=args.version, idempotency_key=args.key)
+    saga_id = orchestrator_from_env().start(
+        args.name, data, version=args.version, idempotency_key=args.key
+    )
     print(saga_id)
     return 0
 
 
 def show_saga(args: argparse.Namespace) -> int:
-    view = _orchestrator().get(args.saga_id)
+    view = orchestrator_from_env().get(args.saga_id)
     row = view.row
     if args.json:
         out = {
@@ -77,24 +111,34 @@ def show_saga(args: argparse.Namespace) -> int:
     print(f"saga {row.id}  {row.name} v{row.version}  {row.status}")
     if row.state.get("reason"):
         print(f"reason: {row.state['reason']}")
+    if row.state.get("parked_step"):
+        print(f"parked at step: {row.state['parked_step']}")
     print("steps:")
     for name, step in row.state["steps"].items():
         extra = f" attempt {step['attempt']}" if step.get("attempt") else ""
         print(f"  {name:<20} {step['status']}{extra}")
     print("history:")
     for h in view.history:
-        where = f" {h['step']}#{h['attempt']}" if h["step"] else ""
+        where = f" {h['step']}" if h["step"] else ""
+        where += f"#{h['attempt']}" if h["attempt"] else ""
         reason = f"  ({h['reason']})" if h["reason"] else ""
+        if h.get("actor"):
+            reason = f"  [by {h['actor']}]{reason}"
         at = f"{h['at']:%Y-%m-%d %H:%M:%S.%f}"
         print(f"  {h['seq']:>3} {at} {h['event']}{where} -> {h['to_status']}{reason}")
     return 0
 
 
 def list_command(args: argparse.Namespace) -> int:
-    orch = _orchestrator()
+    orch = orchestrator_from_env()
+    now = dt.datetime.now(dt.UTC)
+    older_than = None if args.older_than is None else now - args.older_than
     with orch.engine.connect() as conn:
-        rows = list_sagas(conn, status=args.status, name=args.name, limit=args.limit)
+        rows = list_sagas(
+            conn, status=args.status, name=args.name, older_than=older_than, limit=args.limit
+        )
     for row in rows:
         created = f"{row.created_at:%Y-%m-%d %H:%M:%S}"
-        print(f"{row.id}  {row.name:<20} v{row.version}  {row.status:<12} {created}")
+        age = format_age(now - row.created_at) if row.created_at else "?"
+        print(f"{row.id}  {row.name:<20} v{row.version}  {row.status:<12} {created}  {age:>7}")
     return 0
