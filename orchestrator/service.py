@@ -24,10 +24,12 @@ import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from orchestrator import metrics
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import StoreError
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope, decode
+from outbox_relay.redaction import redact_text
 from outbox_relay.topology import Topology
 
 log = structlog.get_logger("sagabox.orchestrator")
@@ -128,15 +130,19 @@ class ReplyConsumer:
         good = [d for d in batch if d.envelope is not None]
         while True:
             try:
+                started = time.perf_counter()
                 outcomes = self.orchestrator.handle_replies(
                     [d.envelope for d in good if d.envelope]
                 )
+                metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
                 break
             except StoreError as e:
                 # Nothing was committed; keep the messages and try again.
                 log.warning("reply_batch_failed", error=str(e), size=len(good))
                 if self._stopping.wait(self.reconnect_delay):
                     return
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.record_outcomes(outcomes, undecodable=len(batch) - len(good))
         rejected = {o.message_id: o.note for o in outcomes if o.status == "rejected"}
         for d in batch:
             reason = d.error or (rejected.get(d.envelope.message_id, "") if d.envelope else "")
@@ -147,13 +153,24 @@ class ReplyConsumer:
             self.on_batch(len(batch))
 
     def _dead_letter(self, channel: BlockingChannel, delivery: _Delivery, reason: str) -> None:
-        """Park a reply that cannot be applied in ``<queue>.XQ``, with the reason."""
-        log.error(
-            "reply_dead_lettered",
-            reason=reason,
-            message_id=delivery.envelope.message_id if delivery.envelope else None,
-            correlation_id=delivery.envelope.correlation_id if delivery.envelope else None,
+        """Park a reply that cannot be applied in ``<queue>.XQ``, with the (redacted) reason."""
+        reason = redact_text(reason)
+        envelope = delivery.envelope
+        context = (
+            {
+                "message_id": envelope.message_id,
+                "correlation_id": envelope.correlation_id,
+                "causation_id": envelope.causation_id,
+                "saga": envelope.saga,
+                "version": envelope.version,
+                "step": envelope.step,
+                "attempt": envelope.attempt,
+            }
+            if envelope
+            else {}
         )
+        log.error("reply_dead_lettered", reason=reason, **context)
+        metrics.DEAD_LETTERED.inc()
         channel.basic_publish(
             exchange="",
             routing_key=f"{self.queue}.XQ",
@@ -165,7 +182,9 @@ class ReplyConsumer:
 
     def _fire_timers(self) -> None:
         try:
-            while self.orchestrator.fire_timers() > 0 and not self._stopping.is_set():
-                pass
+            while (fired := self.orchestrator.fire_timers()) > 0:
+                metrics.TIMERS_FIRED.inc(fired)
+                if self._stopping.is_set():
+                    break
         except StoreError as e:
             log.warning("timers_failed", error=str(e))

@@ -33,6 +33,7 @@ import pika.exceptions
 import psycopg
 import structlog
 from pika.adapters.asyncio_connection import AsyncioConnection
+from prometheus_client import Counter, Gauge, Histogram
 
 from outbox_relay import store
 from outbox_relay.errors import RelayError
@@ -44,6 +45,29 @@ log = structlog.get_logger()
 
 ACK, NACK, PARK = "ack", "nack", "park"
 Outcome = tuple[str, str]  # (ACK | NACK | PARK, reason)
+
+# Prometheus metrics, labelled by database (host/name, no credentials); served by the
+# entry point when SAGABOX_METRICS_PORT is set (docs/operations.md).
+PUBLISHED = Counter(
+    "sagabox_relay_published", "Outbox rows published and confirmed (then deleted)", ["database"]
+)
+NACKED = Counter("sagabox_relay_nacked", "Outbox rows nacked by RabbitMQ (retried)", ["database"])
+PARKED = Counter("sagabox_relay_parked", "Outbox rows parked (unroutable, refused)", ["database"])
+CONFIRM_SECONDS = Histogram(
+    "sagabox_relay_confirm_seconds",
+    "Time from publishing a batch to its last confirm",
+    ["database"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+BACKLOG = Gauge(
+    "sagabox_relay_outbox_backlog", "Outbox rows not yet published (parked excluded)", ["database"]
+)
+OLDEST_AGE = Gauge(
+    "sagabox_relay_outbox_oldest_age_seconds",
+    "Age of the oldest outbox row not yet published (0 when none)",
+    ["database"],
+)
+PARKED_ROWS = Gauge("sagabox_relay_outbox_parked", "Parked outbox rows", ["database"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +88,8 @@ class RelayConfig:
     reconnect_backoff_max: float = 5.0
     connect_timeout: float = 10.0
     shutdown_timeout: float = 10.0
+    # Seconds between backlog queries for the metrics; 0: never query.
+    backlog_interval: float = 0.0
     topology: Topology = field(default_factory=Topology)
 
     def backoff(self, attempt: int) -> float:
@@ -93,7 +119,9 @@ class _Confirms:
     def __init__(self, size: int) -> None:
         self.outcomes: list[Outcome | None] = [None] * size
         self.remaining = size
-        self.done: asyncio.Future[list[Outcome | None]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        self.done: asyncio.Future[list[Outcome | None]] = loop.create_future()
         if size == 0:
             self.done.set_result(self.outcomes)
 
@@ -429,21 +457,28 @@ class DatabaseRelay:
         self._slots = asyncio.Semaphore(config.pipeline_depth)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._channel: ConfirmingChannel | None = None
+        self._published = PUBLISHED.labels(self.name)
+        self._nacked = NACKED.labels(self.name)
+        self._parked = PARKED.labels(self.name)
+        self._confirm_seconds = CONFIRM_SECONDS.labels(self.name)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        listener = asyncio.create_task(self._listen())
+        helpers = [asyncio.create_task(self._listen())]
+        if self._config.backlog_interval > 0:
+            helpers.append(asyncio.create_task(self._watch_backlog()))
         try:
             await self._dispatch()
             if self._in_flight:
                 await asyncio.wait(self._in_flight)
         finally:
-            listener.cancel()
+            for helper in helpers:
+                helper.cancel()
             for task in self._in_flight:
                 task.cancel()
-            await asyncio.gather(listener, *self._in_flight, return_exceptions=True)
+            await asyncio.gather(*helpers, *self._in_flight, return_exceptions=True)
             for conn in self._idle:
                 await conn.close()
             if self._channel is not None:
@@ -559,6 +594,7 @@ class DatabaseRelay:
                 raise BrokerUnavailable(
                     f"no confirms within {self._config.confirm_timeout}s"
                 ) from None
+            self._confirm_seconds.observe(asyncio.get_running_loop().time() - confirms.started)
             self._failpoint("relay.after_confirm_before_mark")
             await self._record(conn, rows, outcomes)
             await conn.commit()
@@ -599,6 +635,7 @@ class DatabaseRelay:
                     "outbox_nacked",
                     message_id=row.message_id,
                     correlation_id=row.correlation_id,
+                    destination=row.destination,
                     attempts=row.attempts + 1,
                 )
             else:
@@ -622,6 +659,30 @@ class DatabaseRelay:
         self._counters.published += len(acked)
         self._counters.retried += len(nacked)
         self._counters.parked += len(parked)
+        self._published.inc(len(acked))
+        if nacked:
+            self._nacked.inc(len(nacked))
+        if parked:
+            self._parked.inc(len(parked))
+
+    async def _watch_backlog(self) -> None:
+        """Refresh the backlog gauges every ``backlog_interval`` seconds (one cheap query)."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=int(self._config.connect_timeout),
+                ) as conn:
+                    while True:
+                        backlog = await store.backlog(conn)
+                        BACKLOG.labels(self.name).set(backlog.pending)
+                        OLDEST_AGE.labels(self.name).set(backlog.oldest_age)
+                        PARKED_ROWS.labels(self.name).set(backlog.parked)
+                        await asyncio.sleep(self._config.backlog_interval)
+            except (psycopg.Error, OSError) as e:
+                log.warning("outbox_backlog_failed", database=self.name, error=str(e))
+                await asyncio.sleep(self._config.backlog_interval)
 
     async def _listen(self) -> None:
         """Turn NOTIFYs into wake-ups; reconnect when the connection drops."""

@@ -27,6 +27,15 @@ SESSION_OPTIONS = "-c enable_seqscan=off -c jit=off"
 
 
 @dataclass(frozen=True, slots=True)
+class Backlog:
+    """Unpublished rows, the age of the oldest one in seconds, and parked rows."""
+
+    pending: int
+    oldest_age: float
+    parked: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxRow:
     """A claimed outbox row: what to publish, and where."""
 
@@ -81,6 +90,14 @@ LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 
 PROBE = "SELECT 1 FROM sagabox.outbox LIMIT 1"
 
+# For the metrics: one pass over the (usually small) table.
+BACKLOG = """
+SELECT count(*) FILTER (WHERE parked_at IS NULL),
+       coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL)), 0),
+       count(*) FILTER (WHERE parked_at IS NOT NULL)
+FROM sagabox.outbox
+"""
+
 INSERT_MANY = """
 INSERT INTO sagabox.outbox (message_id, correlation_id, destination, body)
 SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[])
@@ -121,6 +138,14 @@ async def listen(conn: AsyncConn) -> None:
 async def probe(conn: AsyncConn) -> None:
     """Fail unless the outbox table is there and readable."""
     await conn.execute(PROBE)
+
+
+async def backlog(conn: AsyncConn) -> Backlog:
+    """How far behind the relays are on this outbox."""
+    cur = await conn.execute(BACKLOG)
+    row = await cur.fetchone()
+    assert row is not None  # an aggregate always returns a row
+    return Backlog(int(row[0]), float(row[1]), int(row[2]))
 
 
 def insert_many(conn: Connection[Any], rows: Sequence[tuple[str, str | None, str, str]]) -> None:

@@ -16,20 +16,42 @@ find the tombstone and be refused with 'cancelled'.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
 
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
+from outbox_relay.redaction import redact_text
 from participants.context import Context, Handler
 from participants.errors import BusinessFailure
 from participants.inbox import CANCELLED, Inbox, InboxKey, StoredReply
 from participants.replies import failed, reply_to, succeeded
 
 log = structlog.get_logger(__name__)
+
+# Prometheus metrics of the participant SDK (served by ``sagabox participant`` when
+# SAGABOX_METRICS_PORT is set). Counted inside the handling transaction.
+HANDLED = Counter(
+    "sagabox_participant_handled",
+    "Commands and compensations handled (duplicates excluded), by the reply they got",
+    ["participant", "kind", "type", "outcome"],
+)
+DUPLICATES = Counter(
+    "sagabox_participant_inbox_duplicates",
+    "Deliveries absorbed by the inbox (answered with the stored reply, nothing re-run)",
+    ["participant", "kind", "type"],
+)
+HANDLER_SECONDS = Histogram(
+    "sagabox_participant_handler_seconds",
+    "Time spent in the handler function (in its savepoint)",
+    ["participant", "type"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 
 
 def resolve(handlers: Mapping[str, Handler], envelope: Envelope) -> Handler:
@@ -75,15 +97,18 @@ def _command(
     if existing is not None:
         if existing.status == "tombstone":
             log.info("command_cancelled", reason="compensated before it arrived")
+            _count(service, envelope, existing.reply)
         else:
             log.info(
                 "inbox_duplicate_skipped",
                 first_message_id=existing.message_id,
                 reply_type=existing.reply.type,
             )
+            DUPLICATES.labels(service, envelope.kind, envelope.type).inc()
         return existing.reply
     stored = _run(service, handler, session, envelope, inbox)
     inbox.record(key, stored)
+    _count(service, envelope, stored)
     return stored
 
 
@@ -98,6 +123,7 @@ def _compensation(
             first_message_id=existing.message_id,
             reply_type=existing.reply.type,
         )
+        DUPLICATES.labels(service, envelope.kind, envelope.type).inc()
         return existing.reply
     command_key = InboxKey(envelope.correlation_id, envelope.step, "command")
     command = inbox.claim(command_key, envelope.message_id, status="tombstone", reply=CANCELLED)
@@ -111,6 +137,7 @@ def _compensation(
             # Not stored: the orchestrator retries a compensation until it succeeds, and
             # each attempt must run the handler again (docs/messages.md).
             inbox.release(key)
+            _count(service, envelope, stored)
             return stored
     else:
         log.info("compensation_skipped", command_reply=command.reply.type)
@@ -118,7 +145,12 @@ def _compensation(
             "compensated", {"skipped": f"the command was not applied ({command.reply.type})"}
         )
     inbox.record(key, stored)
+    _count(service, envelope, stored)
     return stored
+
+
+def _count(service: str, envelope: Envelope, stored: StoredReply) -> None:
+    HANDLED.labels(service, envelope.kind, envelope.type, stored.type).inc()
 
 
 def _run(
@@ -131,14 +163,19 @@ def _run(
     command_result: Mapping[str, Any] | None = None,
 ) -> StoredReply:
     ctx = Context.of(service, envelope, command_result)
+    started = time.perf_counter()
     try:
         with inbox.savepoint():
             result = handler.fn(session, envelope.payload, ctx)
     except BusinessFailure as e:
-        log.info(f"{handler.action}_refused", reason=e.reason)
+        # The reason is stored, sent and logged: never with a card number in it.
+        reason = redact_text(e.reason)
+        log.info(f"{handler.action}_refused", reason=reason)
         if handler.action == "compensation":
-            return StoredReply("compensation_failed", {"reason": e.reason})
-        return failed(e.reason)
+            return StoredReply("compensation_failed", {"reason": reason})
+        return failed(reason)
+    finally:
+        HANDLER_SECONDS.labels(service, envelope.type).observe(time.perf_counter() - started)
     log.info(f"{handler.action}_applied")
     if handler.action == "compensation":
         return StoredReply("compensated", {})

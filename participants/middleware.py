@@ -22,15 +22,24 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import xq_name
 from dramatiq.errors import ActorNotFound
 from dramatiq.middleware import SkipMessage
+from prometheus_client import Counter
 from structlog.contextvars import bind_contextvars, bound_contextvars, unbind_contextvars
 
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
+from outbox_relay.redaction import redact_text
 
 if TYPE_CHECKING:
     from participants.worker import Binding
 
 log = structlog.get_logger(__name__)
+
+DEAD_LETTERED = Counter(
+    "sagabox_participant_dead_lettered",
+    "Messages dead-lettered to <queue>.XQ: rejected (broke the contract) or exhausted"
+    " (technical failures past the retries)",
+    ["participant", "reason"],
+)
 
 CONTEXT_KEYS = (
     "service",
@@ -38,6 +47,7 @@ CONTEXT_KEYS = (
     "message_id",
     "causation_id",
     "saga",
+    "version",
     "step",
     "attempt",
     "type",
@@ -52,6 +62,7 @@ def log_context(service: str, envelope: Envelope) -> dict[str, Any]:
         "message_id": envelope.message_id,
         "causation_id": envelope.causation_id,
         "saga": envelope.saga,
+        "version": envelope.version,
         "step": envelope.step,
         "attempt": envelope.attempt,
         "type": envelope.type,
@@ -92,6 +103,7 @@ class ParticipantMiddleware(Middleware):
             )
             # A failed message is nacked, and RabbitMQ moves it to <queue>.XQ.
             message.fail()
+            DEAD_LETTERED.labels(binding.participant.name, "rejected").inc()
             raise Rejected(str(e)) from e
         bind_contextvars(**log_context(binding.participant.name, envelope))
 
@@ -115,6 +127,10 @@ class ParticipantMiddleware(Middleware):
         exception = message._exception
         if isinstance(exception, Rejected):
             return  # rejected in before_process_message, already logged
+        rejected = isinstance(exception, ActorNotFound | MessageError)
+        DEAD_LETTERED.labels(
+            binding.participant.name, "rejected" if rejected else "exhausted"
+        ).inc()
         try:
             envelope = binding.parse(message.args, message.kwargs, resolve_handler=False)
         except MessageError as e:
@@ -128,7 +144,7 @@ class ParticipantMiddleware(Middleware):
             )
             return
         with bound_contextvars(**log_context(binding.participant.name, envelope)):
-            if isinstance(exception, ActorNotFound | MessageError):
+            if rejected:
                 log.error(
                     "message_rejected",
                     reason=_describe(exception),
@@ -151,4 +167,5 @@ def _describe(exception: BaseException | None) -> str:
         return "failed"
     if isinstance(exception, ActorNotFound):
         return f"unknown actor: {exception}"
-    return f"{type(exception).__name__}: {exception}"[:1000]
+    # Sent back to the orchestrator and logged: never with a card number in it.
+    return redact_text(f"{type(exception).__name__}: {exception}"[:1000])

@@ -9,6 +9,7 @@ from typing import Any
 
 from outbox_relay.errors import MessageError
 from outbox_relay.message import REPLY_ACTOR, Envelope, ReplyType, encode
+from outbox_relay.redaction import redact_text
 from outbox_relay.table import OutgoingMessage
 from participants.inbox import StoredReply
 
@@ -56,7 +57,7 @@ def outgoing(reply: Envelope, destination: str) -> OutgoingMessage:
 def technical_failure(command: Envelope, reason: str) -> StoredReply:
     """What a message that exhausted its retries answers ('error' for a command)."""
     type_: ReplyType = "compensation_failed" if command.kind == "compensation" else "error"
-    return StoredReply(type_, {"reason": reason})
+    return StoredReply(type_, {"reason": redact_text(reason)})
 
 
 def succeeded(result: Mapping[str, Any] | None) -> StoredReply:
@@ -64,4 +65,5 @@ def succeeded(result: Mapping[str, Any] | None) -> StoredReply:
 
 
 def failed(reason: str) -> StoredReply:
-    return StoredReply("failed", {"reason": reason})
+    """A business refusal; card numbers in ``reason`` are masked (it is stored and sent)."""
+    return StoredReply("failed", {"reason": redact_text(reason)})

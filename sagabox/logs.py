@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from outbox_relay.redaction import redact
+
 
 def add_process(service: str) -> structlog.typing.Processor:
     """A processor that stamps every line with the service name and pid."""
@@ -26,6 +28,15 @@ def add_process(service: str) -> structlog.typing.Processor:
         return event
 
     return processor
+
+
+def redact_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Mask secrets (by key) and card numbers (anywhere in strings) in a log line.
+
+    Runs last before rendering, after the exception was rendered to text, so a card
+    number quoted in an exception message or a library's log line is masked too.
+    """
+    return redact(event)  # type: ignore[no-any-return]
 
 
 class _Tee:
@@ -67,6 +78,7 @@ def configure(
         processors=[
             *shared,
             structlog.processors.format_exc_info,
+            redact_secrets,
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
@@ -81,6 +93,7 @@ def configure(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redact_secrets,
                 structlog.processors.JSONRenderer(),
             ],
         )

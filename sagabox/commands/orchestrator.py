@@ -1,33 +1,54 @@
-"""``sagabox orchestrator``: the reply consumer and timer sweeper as a service."""
+"""``sagabox orchestrator``: the reply consumer and timer sweeper as a service.
+
+``--check`` only checks: the database answers and its schema is at the head of the
+``orchestrator`` and ``outbox`` branches, and RabbitMQ answers (exit 0, else 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from orchestrator.engine import Orchestrator
+from orchestrator.metrics import SagaGauges
 from orchestrator.service import ReplyConsumer
 from orchestrator.store import make_engine
-from sagabox import logs
+from sagabox import logs, metrics
 from sagabox.registry import load_registry
 from sagabox.settings.orchestrator import OrchestratorSettings
 
+BRANCHES = ("outbox", "orchestrator")
+
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("orchestrator", help="run the orchestrator service")
+    parser = subparsers.add_parser(
+        "orchestrator", help="run the orchestrator service", description=__doc__
+    )
     parser.add_argument("--log-file", help="also write JSON log lines to this file")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if the database (at the schema head) and the broker answer, else 1",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = OrchestratorSettings.from_env()
+    if args.metrics_port is not None:
+        settings = dataclasses.replace(settings, metrics_port=args.metrics_port)
+    if args.check:
+        return check(settings)
     logs.configure(
         "orchestrator", level=settings.log_level, log_file=args.log_file or settings.log_file
     )
+    engine = make_engine(settings.database_url)
     orchestrator = Orchestrator(
-        make_engine(settings.database_url),
-        load_registry(settings.sagas),
-        reply_queue=settings.reply_queue,
+        engine, load_registry(settings.sagas), reply_queue=settings.reply_queue
     )
     consumer = ReplyConsumer(
         orchestrator,
@@ -38,5 +59,20 @@ def run(args: argparse.Namespace) -> int:
         topology=settings.topology,
     )
     consumer.install_signal_handlers()
+    if settings.metrics_port:
+        SagaGauges(
+            engine,
+            interval=settings.metrics_interval,
+            long_running_after=settings.long_running_seconds,
+        ).start()
+        metrics.serve_metrics(settings.metrics_port)
     consumer.run()
     return 0
+
+
+def check(settings: OrchestratorSettings) -> int:
+    problems = [
+        *metrics.schema_problems(settings.database_url, BRANCHES),
+        *metrics.broker_problems(settings.amqp_url),
+    ]
+    return metrics.report("orchestrator", problems, "database (schema at head) and RabbitMQ ok")

@@ -1,5 +1,8 @@
 """``sagabox participant MODULE``: run the participant(s) MODULE declares as a dramatiq
-worker until SIGTERM (settings: SAGABOX_PARTICIPANT_*, see docs/participants.md)."""
+worker until SIGTERM (settings: SAGABOX_PARTICIPANT_*, see docs/participants.md).
+
+``--check`` only checks: the database answers and its schema is at the head of the
+``participant`` and ``outbox`` branches, and RabbitMQ answers (exit 0, else 1)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from typing import Any
 import structlog
 
 from participants import worker
-from sagabox import logs
+from sagabox import logs, metrics
 from sagabox.settings.participant import ParticipantSettings
+
+BRANCHES = ("outbox", "participant")
 
 
 def register(subparsers: Any) -> None:
@@ -29,6 +34,17 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--processes", type=int, help="worker processes (default 1)")
     parser.add_argument("--threads", type=int, help="worker threads per process (default 8)")
+    parser.add_argument("--log-file", help="also write JSON log lines to this file")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (0: off; process i of N uses port + i)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if the database (at the schema head) and the broker answer, else 1",
+    )
     parser.set_defaults(handler=handle)
 
 
@@ -38,7 +54,11 @@ def handle(args: argparse.Namespace) -> int:
         settings,
         processes=max(1, args.processes or settings.processes),
         threads=max(1, args.threads or settings.threads),
+        log_file=args.log_file or settings.log_file,
+        metrics_port=settings.metrics_port if args.metrics_port is None else args.metrics_port,
     )
+    if args.check:
+        return check(settings)
     worker.load(args.module)  # fail here, once, if the module declares no participant
     if settings.processes == 1:
         serve(args.module, settings)
@@ -46,11 +66,21 @@ def handle(args: argparse.Namespace) -> int:
     return supervise(args.module, settings)
 
 
-def serve(module: str, settings: ParticipantSettings) -> None:
+def check(settings: ParticipantSettings) -> int:
+    problems = [
+        *metrics.schema_problems(settings.database_url, BRANCHES),
+        *metrics.broker_problems(settings.amqp_url),
+    ]
+    return metrics.report("participant", problems, "database (schema at head) and RabbitMQ ok")
+
+
+def serve(module: str, settings: ParticipantSettings, index: int = 0) -> None:
     """One worker process: logging, then consume until SIGTERM or SIGINT."""
     participants = worker.load(module)
     service = "+".join(p.name for p in participants)
     logs.configure(service, level=settings.log_level, log_file=settings.log_file)
+    if settings.metrics_port:
+        metrics.serve_metrics(settings.metrics_port + index)
     stop = threading.Event()
 
     def on_signal(signum: int, _: FrameType | None) -> None:
@@ -67,7 +97,7 @@ def supervise(module: str, settings: ParticipantSettings) -> int:
     # spawn, not fork: each child builds its own connections and threads from scratch.
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=serve, args=(module, settings), name=f"participant-{i}")
+        context.Process(target=serve, args=(module, settings, i), name=f"participant-{i}")
         for i in range(settings.processes)
     ]
 

@@ -29,6 +29,9 @@ class OrchestratorSettings:
     | SAGABOX_TIMER_INTERVAL | 0.25 | seconds between timer sweeps |
     | SAGABOX_QUORUM_QUEUES / SAGABOX_QUORUM_DELIVERY_LIMIT | false / 20 | quorum reply queue |
     | SAGABOX_LOG_LEVEL / SAGABOX_LOG_FILE | INFO / none | logging |
+    | SAGABOX_METRICS_PORT | 0 (off) | Prometheus metrics port |
+    | SAGABOX_METRICS_INTERVAL | 5 | seconds between refreshes of the saga gauges |
+    | SAGABOX_METRICS_LONG_RUNNING_SECONDS | 300 | age from which a saga counts as long-running |
     """
 
     database_url: str
@@ -39,6 +42,9 @@ class OrchestratorSettings:
     timer_interval: float
     log_level: str
     log_file: str | None
+    metrics_port: int = 0
+    metrics_interval: float = 5.0
+    long_running_seconds: float = 300.0
     topology: Topology = field(default_factory=Topology)
 
     @classmethod
@@ -69,4 +75,7 @@ class OrchestratorSettings:
             ),
             log_level=env.str("LOG_LEVEL", "INFO"),
             log_file=env.raw("LOG_FILE") or None,
+            metrics_port=env.int("METRICS_PORT", 0),
+            metrics_interval=env.float("METRICS_INTERVAL", 5.0, minimum=0.1),
+            long_running_seconds=env.float("METRICS_LONG_RUNNING_SECONDS", 300.0),
         )

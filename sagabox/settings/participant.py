@@ -10,6 +10,8 @@ SAGABOX_PARTICIPANT_MAX_BACKOFF_MS   longest retry delay (default 300000)
 SAGABOX_INBOX_RETENTION_SECONDS      how long inbox rows are kept (default 7 days)
 SAGABOX_INBOX_PURGE_INTERVAL_SECONDS how often they are purged (default 300)
 SAGABOX_LOG_LEVEL, SAGABOX_LOG_FILE  logging
+SAGABOX_METRICS_PORT                 Prometheus metrics port (default 0: off); with
+                                     several processes, process i serves on port + i
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ParticipantSettings:
     quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     log_level: str = "INFO"
     log_file: str | None = None
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ParticipantSettings:
@@ -66,6 +69,7 @@ class ParticipantSettings:
             ),
             log_level=env.str("LOG_LEVEL", "INFO"),
             log_file=env.raw("LOG_FILE") or None,
+            metrics_port=env.int("METRICS_PORT", 0),
         )
 
     def worker_config(self) -> WorkerConfig:

@@ -35,6 +35,8 @@ class RelaySettings:
     quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     log_level: str = "INFO"
     log_file: str | None = None
+    metrics_port: int = 0
+    metrics_interval: float = 5.0
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> RelaySettings:
@@ -60,6 +62,8 @@ class RelaySettings:
             ),
             log_level=env.str("LOG_LEVEL", "INFO"),
             log_file=env.raw("LOG_FILE") or None,
+            metrics_port=env.int("METRICS_PORT", 0),
+            metrics_interval=env.float("METRICS_INTERVAL", 5.0, minimum=0.1),
         )
 
     def relay_config(self) -> RelayConfig:
@@ -76,5 +80,7 @@ class RelaySettings:
             retry_backoff_max=self.retry_backoff_max,
             reconnect_backoff_max=self.reconnect_backoff_max,
             shutdown_timeout=self.shutdown_timeout,
+            # The backlog query only runs when someone scrapes the metrics.
+            backlog_interval=self.metrics_interval if self.metrics_port else 0.0,
             topology=Topology(quorum=self.quorum_queues, delivery_limit=self.quorum_delivery_limit),
         )

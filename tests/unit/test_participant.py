@@ -346,6 +346,7 @@ def test_middleware_binds_the_message_context_and_clears_it(
         "message_id": cmd.message_id,
         "causation_id": None,
         "saga": cmd.saga,
+        "version": cmd.version,
         "step": "pay",
         "attempt": 2,
         "type": "buy",
