@@ -251,6 +251,17 @@ class Orchestrator:
 
     # -- timers ------------------------------------------------------------------
 
+    def purge_replies(self, older_than_seconds: float, limit: int = 10_000) -> int:
+        """Forget reply ids received more than ``older_than_seconds`` ago (up to ``limit``).
+
+        Safe at any age: the inbox only spares the machine work, since the machine
+        itself ignores a reply to an attempt it has already decided.
+        """
+        cutoff = store.timestamp(self.clock() - older_than_seconds)
+        assert cutoff is not None
+        with self._begin() as conn:
+            return store.purge_reply_inbox(conn, cutoff, limit)
+
     def fire_timers(self, limit: int = 200) -> int:
         """Apply every due deadline and scheduled retry (up to ``limit`` sagas).
 

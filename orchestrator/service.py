@@ -63,6 +63,9 @@ class ReplyConsumer:
     batch_size: int = 200
     timer_interval: float = 0.25
     reconnect_delay: float = 1.0
+    # Reply ids are kept this long (seconds), then purged every purge_interval.
+    reply_retention: float = 7 * 24 * 3600.0
+    purge_interval: float = 300.0
     topology: Topology = field(default_factory=Topology)
     on_batch: Callable[[int], None] | None = None
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
@@ -101,8 +104,12 @@ class ReplyConsumer:
             channel.basic_consume(self.queue, self._on_message)
             log.info("orchestrator_consuming", queue=self.queue)
             next_timers = 0.0
+            next_purge = time.monotonic() + min(self.purge_interval, 5.0)
             while not self._stopping.is_set():
                 now = time.monotonic()
+                if now >= next_purge:
+                    self._purge_replies()
+                    next_purge = time.monotonic() + self.purge_interval
                 if now >= next_timers:
                     self._fire_timers()
                     next_timers = time.monotonic() + self.timer_interval
@@ -179,6 +186,19 @@ class ReplyConsumer:
                 delivery_mode=2, headers={"x-sagabox-error": reason[:1000]}
             ),
         )
+
+    def _purge_replies(self) -> None:
+        """Keep the reply inbox bounded; short transactions, so replies keep flowing."""
+        try:
+            total = 0
+            while (n := self.orchestrator.purge_replies(self.reply_retention, 5_000)) > 0:
+                total += n
+                if self._stopping.is_set() or n < 5_000:
+                    break
+            if total:
+                log.info("reply_inbox_purged", rows=total)
+        except StoreError as e:
+            log.warning("reply_inbox_purge_failed", error=str(e))
 
     def _fire_timers(self) -> None:
         try:

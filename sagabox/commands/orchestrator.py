@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=settings.batch_size,
         timer_interval=settings.timer_interval,
         topology=settings.topology,
+        reply_retention=settings.reply_retention,
+        purge_interval=settings.purge_interval,
     )
     consumer.install_signal_handlers()
     if settings.metrics_port:

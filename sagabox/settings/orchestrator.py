@@ -27,6 +27,8 @@ class OrchestratorSettings:
     | SAGABOX_REPLY_QUEUE | sagabox.replies | queue the participants reply to |
     | SAGABOX_BATCH_SIZE | 200 | replies applied per transaction at most |
     | SAGABOX_TIMER_INTERVAL | 0.25 | seconds between timer sweeps |
+    | SAGABOX_REPLY_INBOX_RETENTION_SECONDS | 604800 (7 days) | how long reply ids are kept |
+    | SAGABOX_REPLY_INBOX_PURGE_INTERVAL_SECONDS | 300 | how often old reply ids are purged |
     | SAGABOX_QUORUM_QUEUES / SAGABOX_QUORUM_DELIVERY_LIMIT | false / 20 | quorum reply queue |
     | SAGABOX_LOG_LEVEL / SAGABOX_LOG_FILE | INFO / none | logging |
     | SAGABOX_METRICS_PORT | 0 (off) | Prometheus metrics port |
@@ -42,6 +44,8 @@ class OrchestratorSettings:
     timer_interval: float
     log_level: str
     log_file: str | None
+    reply_retention: float = 7 * 24 * 3600.0
+    purge_interval: float = 300.0
     metrics_port: int = 0
     metrics_interval: float = 5.0
     long_running_seconds: float = 300.0
@@ -75,6 +79,10 @@ class OrchestratorSettings:
             ),
             log_level=env.str("LOG_LEVEL", "INFO"),
             log_file=env.raw("LOG_FILE") or None,
+            reply_retention=env.float(
+                "REPLY_INBOX_RETENTION_SECONDS", 7 * 24 * 3600.0, minimum=1.0
+            ),
+            purge_interval=env.float("REPLY_INBOX_PURGE_INTERVAL_SECONDS", 300.0, minimum=1.0),
             metrics_port=env.int("METRICS_PORT", 0),
             metrics_interval=env.float("METRICS_INTERVAL", 5.0, minimum=0.1),
             long_running_seconds=env.float("METRICS_LONG_RUNNING_SECONDS", 300.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -373,3 +374,22 @@ def test_the_outbox_wakes_relays_at_most_once_per_interval(engine: Engine, clock
     assert len(notes) == 1
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM sagabox.outbox")).scalar_one() == 5
+
+
+def test_old_reply_ids_are_purged_and_a_late_duplicate_still_changes_nothing(
+    orch: Orchestrator, engine: Engine, clock: Clock
+) -> None:
+    saga_id = orch.start("order", DATA)
+    r = reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})
+    orch.handle_replies([r])
+    with engine.begin() as conn:
+        # received_at is the database's clock; age the row as if it came a week ago
+        conn.execute(text("UPDATE sagabox.reply_inbox SET received_at = now() - interval '8 days'"))
+    clock.now = time.time()
+    assert orch.purge_replies(7 * 24 * 3600) == 1
+    assert count(engine, reply_inbox) == 0
+    before = orch.get(saga_id)
+    assert [o.status for o in orch.handle_replies([r])] == ["ignored"]
+    after = orch.get(saga_id)
+    assert after.row.revision == before.row.revision and after.history == before.history
+    assert count(engine, outbox) == 2
