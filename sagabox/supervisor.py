@@ -1,7 +1,9 @@
 """Starts sagabox's processes here, each logging to its own file, and stops them all.
 
-The demo, the benchmarks and the end-to-end tests run the real processes through
-this, the way a service manager would.
+The demo, the benchmarks, ``sagabox up`` and the end-to-end tests run the real
+processes through this, the way a service manager would. With a ``RestartPolicy``,
+``tick()`` starts again a process that died (not one being stopped), after a delay
+that doubles per consecutive failure and resets once a process stayed up a while.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,11 +33,44 @@ def sagabox_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "sagabox", *args]
 
 
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """When to start a dead process again: ``initial`` seconds after its first failure,
+    doubling per consecutive failure up to ``maximum``; a process that ran at least
+    ``reset_after`` seconds before dying starts over at ``initial``."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    reset_after: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        """The wait before the restart that follows ``failures`` consecutive failures."""
+        return float(min(self.maximum, self.initial * 2 ** max(0, failures - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """A process the supervisor started again: its name, exit code and new pid."""
+
+    name: str
+    exit_code: int
+    pid: int
+    failures: int
+
+
 @dataclass
 class Supervisor:
     log_dir: Path
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: dict[str, tuple[ProcessSpec, subprocess.Popen[bytes]]] = field(default_factory=dict)
+    restart_policy: RestartPolicy | None = None
+    clock: Callable[[], float] = time.monotonic
+    restarts: dict[str, int] = field(default_factory=dict)
+    _started_at: dict[str, float] = field(default_factory=dict)
+    _failures: dict[str, int] = field(default_factory=dict)
+    _due: dict[str, float] = field(default_factory=dict)
+    _stopped: set[str] = field(default_factory=set)
+    _stopping: bool = False
 
     def start(self, spec: ProcessSpec) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +85,33 @@ class Supervisor:
                 start_new_session=True,
             )
         self.processes[spec.name] = (spec, process)
+        self._started_at[spec.name] = self.clock()
+        self._due.pop(spec.name, None)
+        self._stopped.discard(spec.name)
         return process
+
+    def tick(self) -> list[Restart]:
+        """Restart the dead processes whose backoff has passed (needs a restart policy)."""
+        policy = self.restart_policy
+        if policy is None or self._stopping:
+            return []
+        now = self.clock()
+        restarted: list[Restart] = []
+        for name, code in self.dead().items():
+            if name in self._stopped:
+                continue
+            due = self._due.get(name)
+            if due is None:
+                ran = now - self._started_at.get(name, now)
+                failures = 1 if ran >= policy.reset_after else self._failures.get(name, 0) + 1
+                self._failures[name] = failures
+                self._due[name] = now + policy.delay(failures)
+                continue
+            if now >= due:
+                process = self.start(self.processes[name][0])
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                restarted.append(Restart(name, code, process.pid, self._failures[name]))
+        return restarted
 
     def log_file(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -77,7 +138,9 @@ class Supervisor:
         return self.start(spec)
 
     def stop(self, name: str, timeout: float = 15.0) -> int | None:
+        """SIGTERM one process, SIGKILL it after ``timeout``; it is not restarted."""
         _, process = self.processes[name]
+        self._stopped.add(name)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -89,6 +152,7 @@ class Supervisor:
 
     def stop_all(self, timeout: float = 15.0) -> dict[str, int | None]:
         """SIGTERM everything, wait up to ``timeout`` in all, then SIGKILL the rest."""
+        self._stopping = True
         for _, process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -12,6 +12,7 @@ import builtins
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from outbox_relay.errors import ConfigurationError
 
@@ -91,11 +92,27 @@ class Env:
         return [item.strip() for item in value.split(",") if item.strip()]
 
 
+# libpq's sslmode values (https://www.postgresql.org/docs/current/libpq-ssl.html).
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def database_url(value: str, variable: str) -> str:
-    """Normalise a PostgreSQL URL for SQLAlchemy's psycopg 3 driver, or say what is wrong."""
+    """Normalise a PostgreSQL URL for SQLAlchemy's psycopg 3 driver, or say what is wrong.
+
+    Query parameters (``sslmode``, ``sslrootcert``, ...) pass through to libpq; an
+    ``sslmode`` libpq does not know is refused here rather than at the first connect.
+    Errors name ``variable`` and never repeat the URL (it may hold a password).
+    """
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if value.startswith(prefix):
-            return "postgresql+psycopg://" + value.removeprefix(prefix)
+            url = "postgresql+psycopg://" + value.removeprefix(prefix)
+            _check_url(url, variable)
+            for mode in parse_qs(urlsplit(url).query).get("sslmode", []):
+                if mode not in SSLMODES:
+                    raise ConfigurationError(
+                        f"{variable}: unknown sslmode {mode!r}; use one of {', '.join(SSLMODES)}"
+                    )
+            return url
     raise ConfigurationError(f"{variable} must be a postgresql:// URL")
 
 
@@ -105,9 +122,34 @@ def libpq_url(value: str) -> str:
 
 
 def amqp_url(value: str, variable: str) -> str:
+    """Check a RabbitMQ URL: ``amqp://`` or ``amqps://`` (TLS, port 5671 by default)."""
     if not value.startswith(("amqp://", "amqps://")):
         raise ConfigurationError(f"{variable} must be an amqp:// or amqps:// URL")
+    _check_url(value, variable)
     return value
+
+
+def _check_url(value: str, variable: str) -> None:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ConfigurationError(
+            f"{variable} is not a valid URL (host or port): {mask_url(value)}"
+        ) from None
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: safe to print or log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagabox"
