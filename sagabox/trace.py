@@ -13,7 +13,7 @@ written (history) -> published (relay log ``outbox_published``, logged at debug)
 received (inbox row or first participant log line) -> handled (participant log) ->
 reply applied (orchestrator log, else the step's next history row).
 
-Reading is done by sagabox.trace_store (SQL) and ``read_logs``; everything else here
+Reading is done by sagabox.store (SQL) and ``read_logs``; everything else here
 is pure.
 """
 
@@ -33,7 +33,7 @@ from outbox_relay.errors import MessageError, SagaboxError
 from outbox_relay.message import decode
 from outbox_relay.redaction import redact, redact_text
 from outbox_relay.relay import describe_database
-from sagabox import trace_store
+from sagabox import store
 
 HANDLED_EVENTS = frozenset(
     {
@@ -288,7 +288,7 @@ def _reply_from_history(hop: Hop, history: Sequence[Entry]) -> None:
 
 def build(
     correlation_id: str,
-    databases: Sequence[trace_store.DatabaseRows],
+    databases: Sequence[store.DatabaseRows],
     records: Sequence[Mapping[str, Any]],
 ) -> Trace:
     """The trace of ``correlation_id`` from what the databases and logs hold (pure)."""
@@ -312,7 +312,7 @@ def collect(correlation_id: str, database_urls: Sequence[str], logs: Sequence[st
     for url in dict.fromkeys(database_urls):
         name = describe_database(url)
         try:
-            rows.append(trace_store.saga_rows(url, name, correlation_id))
+            rows.append(store.saga_rows(url, name, correlation_id))
         except psycopg.Error as e:
             raise TraceError(f"cannot read database {name}: {str(e).strip()}") from e
     return build(correlation_id, rows, read_logs(logs, correlation_id) if logs else [])

@@ -14,7 +14,7 @@ from orchestrator.engine import Orchestrator
 from orchestrator.metrics import SagaGauges
 from orchestrator.service import ReplyConsumer
 from orchestrator.store import make_engine
-from sagabox import logs, metrics
+from sagabox import health, logs, metrics
 from sagabox.registry import load_registry
 from sagabox.settings.orchestrator import OrchestratorSettings
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check(settings: OrchestratorSettings) -> int:
     problems = [
-        *metrics.schema_problems(settings.database_url, BRANCHES),
-        *metrics.broker_problems(settings.amqp_url),
+        *health.database_problems(settings.database_url, BRANCHES, "orchestrator"),
+        *health.broker_problems(settings.amqp_url),
     ]
-    return metrics.report("orchestrator", problems, "database (schema at head) and RabbitMQ ok")
+    return health.report("orchestrator", problems, "database (schema at head) and RabbitMQ ok")

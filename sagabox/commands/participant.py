@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from participants import worker
-from sagabox import logs, metrics
+from sagabox import health, logs, metrics
 from sagabox.settings.participant import ParticipantSettings
 
 BRANCHES = ("outbox", "participant")
@@ -68,10 +68,10 @@ def handle(args: argparse.Namespace) -> int:
 
 def check(settings: ParticipantSettings) -> int:
     problems = [
-        *metrics.schema_problems(settings.database_url, BRANCHES),
-        *metrics.broker_problems(settings.amqp_url),
+        *health.database_problems(settings.database_url, BRANCHES, "participant"),
+        *health.broker_problems(settings.amqp_url),
     ]
-    return metrics.report("participant", problems, "database (schema at head) and RabbitMQ ok")
+    return health.report("participant", problems, "database (schema at head) and RabbitMQ ok")
 
 
 def serve(module: str, settings: ParticipantSettings, index: int = 0) -> None:

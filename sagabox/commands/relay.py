@@ -13,7 +13,7 @@ import structlog
 
 from outbox_relay.failpoints import Failpoints
 from outbox_relay.relay import Relay, RelayConfig, check, describe_database
-from sagabox import logs, metrics
+from sagabox import health, logs, metrics
 from sagabox.settings.relay import RelaySettings
 
 BRANCH = "outbox"
@@ -58,7 +58,7 @@ def run_check(config: RelayConfig) -> int:
     problems = asyncio.run(check(config))
     for url in config.database_urls:
         if not any(p.startswith(f"database {describe_database(url)}:") for p in problems):
-            problems += metrics.schema_problems(url, [BRANCH])
+            problems += health.database_problems(url, [BRANCH], "relay")
     for problem in problems:
         print(f"sagabox relay: {problem}", file=sys.stderr)
     if not problems:

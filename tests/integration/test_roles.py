@@ -236,3 +236,23 @@ def test_a_fresh_database_follows_the_documented_order(services: None) -> None:
         servers.drop_database(name)
         for role in roles.all():
             servers.admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_a_health_check_names_a_table_its_role_may_not_use(
+    db_url: str,
+    amqp_url: str,
+    roles: Roles,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SAGABOX_AMQP_URL", amqp_url)
+    # The relay's role runs the orchestrator: it may read the schema version, not the sagas.
+    monkeypatch.setenv("SAGABOX_DATABASE_URL", as_role(db_url, roles.relay))
+    assert main(["orchestrator", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "lacks SELECT, INSERT, UPDATE on sagabox.saga" in err
+    assert "lacks INSERT on sagabox.outbox" in err
+    run_sql(db_url, [f'REVOKE UPDATE ON sagabox.outbox FROM "{roles.relay}"'])
+    monkeypatch.setenv("SAGABOX_RELAY_DATABASE_URLS", as_role(db_url, roles.relay))
+    assert main(["relay", "--check"]) == 1
+    assert "lacks UPDATE on sagabox.outbox" in capsys.readouterr().err

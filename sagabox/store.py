@@ -1,4 +1,4 @@
-"""Every SQL statement of sagabox's operator tools: ``sagabox trace`` and the health checks.
+"""Every SQL statement of the sagabox package: ``sagabox trace`` and the health checks.
 
 Read only, on short-lived psycopg connections, so a trace can be taken against a
 production database without holding anything.
@@ -38,6 +38,10 @@ FROM sagabox.command_inbox WHERE saga_id = %s ORDER BY received_at
 
 TABLE_EXISTS = "SELECT to_regclass(%s) IS NOT NULL"
 
+HAS_PRIVILEGES = """
+SELECT to_regclass(%s) IS NOT NULL AND has_table_privilege(current_user, %s, %s)
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class DatabaseRows:
@@ -60,6 +64,26 @@ def alembic_versions(url: str, timeout: int = 5) -> set[str] | None:
         if not conn.execute(TABLE_EXISTS, ("sagabox.alembic_version",)).fetchone()[0]:  # type: ignore[index]
             return None
         return {row[0] for row in conn.execute(ALEMBIC_VERSIONS)}
+
+
+def missing_privileges(url: str, wanted: dict[str, str], timeout: int = 5) -> list[tuple[str, str]]:
+    """(table, privileges) pairs the connecting role lacks, of those ``wanted``."""
+    missing = []
+    with psycopg.connect(_libpq(url), connect_timeout=timeout) as conn:
+        for table, privileges in wanted.items():
+            # has_table_privilege is true when ANY listed privilege is held: ask one by one.
+            lacking = [
+                privilege
+                for privilege in (p.strip() for p in privileges.split(","))
+                if not _granted(conn.execute(HAS_PRIVILEGES, (table, table, privilege)).fetchone())
+            ]
+            if lacking:
+                missing.append((table, ", ".join(lacking)))
+    return missing
+
+
+def _granted(row: tuple[Any, ...] | None) -> bool:
+    return row is not None and bool(row[0])
 
 
 def saga_rows(url: str, database: str, saga_id: str, timeout: int = 5) -> DatabaseRows:
