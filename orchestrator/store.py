@@ -19,8 +19,13 @@ from sqlalchemy.engine import Connection
 from orchestrator.tables import history, reply_inbox, saga
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """An SQLAlchemy engine on psycopg 3 for the orchestrator's database."""
+def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+    """An SQLAlchemy engine on psycopg 3 for the orchestrator's database.
+
+    ``pre_ping`` checks each connection before use (a round trip per transaction): right
+    for an application calling ``start``; a service that retries a failed batch anyway
+    (``sagabox orchestrator``) turns it off.
+    """
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             url = "postgresql+psycopg://" + url.removeprefix(prefix)
@@ -28,7 +33,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         json_serializer=_dumps,
     )
 

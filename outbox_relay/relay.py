@@ -499,7 +499,9 @@ class DatabaseRelay:
                 self._wake.clear()
                 rows = await store.claim(conn, self._config.batch_size)
                 if not rows:
-                    await conn.rollback()
+                    # COMMIT, not ROLLBACK: psycopg drops its prepared statements on a
+                    # rollback, and the next poll would prepare the claim all over again.
+                    await conn.commit()
                     self._idle.append(conn)
                     self._slots.release()
                     await self._idle_wait(loop.time())

@@ -221,7 +221,9 @@ def build(
         config.database_url,
         pool_size=config.threads + 1,
         max_overflow=config.threads,
-        pool_pre_ping=True,
+        # No ping per checkout (a round trip per message): after a database restart a
+        # stale connection fails one message, which dramatiq retries on a fresh one.
+        pool_pre_ping=False,
     )
     topology = (
         Topology(quorum=True, delivery_limit=config.quorum_delivery_limit)

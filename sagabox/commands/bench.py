@@ -1,14 +1,21 @@
-"""``sagabox bench ...``: benchmarks run by hand (not timed tests). ``bench relay`` for now."""
+"""``sagabox bench ...``: benchmarks run by hand (not timed tests): ``relay`` and ``saga``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import migrations
 from outbox_relay import bench
 from sagabox import logs
+from sagabox.benchmarks.errors import BenchError
+from sagabox.benchmarks.plot import plot
+from sagabox.benchmarks.report import render
+from sagabox.benchmarks.run import PEERS, Options
+from sagabox.benchmarks.run import run as run_saga
 from sagabox.settings import Env, amqp_url, database_url, libpq_url
 from sagabox.settings.relay import RelaySettings
 
@@ -17,6 +24,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark and print its figures")
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _register_relay(benchmarks)
+    _register_saga(benchmarks)
 
 
 def _register_relay(benchmarks: Any) -> None:
@@ -61,3 +69,77 @@ def handle_relay(args: argparse.Namespace) -> int:
     )
     print(result.report())
     return 0
+
+
+def _register_saga(benchmarks: Any) -> None:
+    parser = benchmarks.add_parser(
+        "saga",
+        help="end-to-end sagas/s, latency, commits and CPU per saga vs DBOS and Temporal",
+        description="Runs place_order v1 (10% declined) on sagabox's real processes, then the "
+        "same saga on DBOS Transact and Temporal, and measures the database's and the broker's "
+        "limits, side by side in one run (docs/benchmarks.md).",
+    )
+    parser.add_argument("--sagas", type=int, default=200, help="sagas per measured run")
+    parser.add_argument("--concurrency", type=int, default=8, help="sagas in flight")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="also an open loop: arrivals per second"
+    )
+    parser.add_argument(
+        "--sweep", default="", help="concurrencies for the throughput curve, e.g. 1,4,16"
+    )
+    parser.add_argument("--sweep-sagas", type=int, default=100, help="sagas per sweep point")
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated, among %(default)s; '' for sagabox alone",
+    )
+    parser.add_argument("--plot", type=Path, help="write the throughput and latency plot here")
+    parser.add_argument("--json", type=Path, help="write every figure and latency here")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=4, help="threads per participant worker")
+    parser.add_argument("--pgbench-seconds", type=float, default=10.0)
+    parser.add_argument("--pika-messages", type=int, default=20_000)
+    parser.add_argument(
+        "--settle", type=float, default=11.0, help="seconds for PostgreSQL stats to flush"
+    )
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        help="growth: run sagabox again on this many preloaded finished sagas (e.g. 1000000)",
+    )
+    parser.set_defaults(handler=handle_saga)
+
+
+def handle_saga(args: argparse.Namespace) -> int:
+    env = Env()
+    logs.configure("bench", level=env.str("LOG_LEVEL", "WARNING"))
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise BenchError(f"unknown peer(s) {', '.join(unknown)}; choose among {', '.join(PEERS)}")
+    options = Options(
+        count=args.sagas,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        sweep=tuple(int(c) for c in args.sweep.split(",") if c.strip()),
+        sweep_count=args.sweep_sagas,
+        warmup=args.warmup,
+        peers=peers,
+        admin_url=env.str("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        amqp_host=env.str("BENCH_AMQP_HOST", "127.0.0.1:5672"),
+        log_level=env.str("BENCH_PROCESS_LOG_LEVEL", "WARNING"),
+        threads=args.threads,
+        pgbench_seconds=args.pgbench_seconds,
+        pika_messages=args.pika_messages,
+        settle=args.settle,
+        preload=args.preload,
+    )
+    report = run_saga(options, lambda line: print(f"# {line}", file=sys.stderr, flush=True))
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps([s.to_json() for s in report.systems]))
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0 if report.ok else 1

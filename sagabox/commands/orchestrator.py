@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(
         "orchestrator", level=settings.log_level, log_file=args.log_file or settings.log_file
     )
-    engine = make_engine(settings.database_url)
+    # The consumer retries a batch that failed, so a stale pooled connection after a
+    # database restart costs one retry; checking every checkout costs a round trip each.
+    engine = make_engine(settings.database_url, pre_ping=False)
     orchestrator = Orchestrator(
         engine, load_registry(settings.sagas), reply_queue=settings.reply_queue
     )

@@ -1,0 +1,133 @@
+"""The figures of a run as text: one table, the open loop, the limits, the ratios."""
+
+from __future__ import annotations
+
+from sagabox.benchmarks.result import SystemResult
+from sagabox.benchmarks.run import Report
+
+
+def own_cpu(system: SystemResult) -> float:
+    """CPU seconds of the system's own processes (not PostgreSQL's, not RabbitMQ's)."""
+    cpu = system.main.cpu_seconds
+    return sum(v for k, v in cpu.items() if k not in ("postgres", "rabbitmq"))
+
+
+def render(report: Report) -> str:
+    o = report.options
+    lines = [
+        f"place_order v1 (4 steps), 10% declined; closed loop, concurrency {o.concurrency}, "
+        f"{o.count} sagas per system",
+        "",
+        f"{'system':<16}{'sagas/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"{'commits':>9}  {'CPU ms/saga: pg + rabbit + own = total':<40}check",
+    ]
+    for s in report.systems:
+        m, run = s.main, s.main.run
+        pg, mq = m.cpu_seconds.get("postgres", 0.0), m.cpu_seconds.get("rabbitmq", 0.0)
+        own = own_cpu(s)
+        per = [1000 * m.per_saga(x) for x in (pg, mq, own, pg + mq + own)]
+        lines.append(
+            f"{s.name:<16}{run.rate:>9.1f}{run.percentile(0.5):>9.1f}{run.percentile(0.95):>9.1f}"
+            f"{run.percentile(0.99):>9.1f}{m.per_saga(m.commits):>9.1f}  "
+            f"{per[0]:>6.1f} + {per[1]:>6.1f} + {per[2]:>6.1f} = {per[3]:>6.1f}{'':<9}"
+            f"{'ok' if not s.problems else 'FAILED'}"
+        )
+    lines += _open(report) + _sweep(report) + _growth(report) + _limits(report) + _ratios(report)
+    for s in report.systems:
+        if s.main.commit_split:
+            split = ", ".join(
+                f"{db} {s.main.per_saga(n):.1f}" for db, n in sorted(s.main.commit_split.items())
+            )
+            lines.append(f"{s.name} commits per saga by database: {split}")
+    lines += ["", "configurations:"] + [f"  {s.name}: {s.config}" for s in report.systems]
+    for s in report.systems:
+        lines += [f"  {s.name} consistency: {p}" for p in s.problems]
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def _open(report: Report) -> list[str]:
+    opened = [(s.name, s.open) for s in report.systems if s.open is not None]
+    if not opened:
+        return []
+    lines = ["", f"open loop: {report.options.rate:g} arrivals/s (latency from each arrival)"]
+    for name, run in opened:
+        lines.append(
+            f"  {name:<16}{run.rate:>7.1f} sagas/s  p50 {run.percentile(0.5):7.1f}  "
+            f"p95 {run.percentile(0.95):7.1f}  p99 {run.percentile(0.99):7.1f} ms"
+        )
+    return lines
+
+
+def _sweep(report: Report) -> list[str]:
+    levels = report.options.sweep
+    if not levels:
+        return []
+    lines = ["", "sagas/s by concurrency: " + " ".join(f"{c:>8}" for c in levels)]
+    for s in report.systems:
+        rates = " ".join(
+            f"{s.sweep[c].rate:>8.1f}" if c in s.sweep else f"{'-':>8}" for c in levels
+        )
+        lines.append(f"  {s.name:<22}{rates}")
+    return lines
+
+
+def _growth(report: Report) -> list[str]:
+    by_name = {s.name: s for s in report.systems}
+    empty, full = by_name.get("sagabox"), by_name.get("sagabox+preload")
+    if empty is None or full is None:
+        return []
+    lines = [
+        "",
+        f"growth: {report.options.preload:,} finished sagas preloaded: "
+        f"{full.main.run.rate:.1f} sagas/s vs {empty.main.run.rate:.1f} empty "
+        f"({full.main.run.rate / empty.main.run.rate:.2f}x), "
+        f"p50 {full.main.run.percentile(0.5):.1f} vs {empty.main.run.percentile(0.5):.1f} ms",
+    ]
+    for table, size in full.sizes.items():
+        lines.append(
+            f"  {table:<22}{size / 2**20:>10.1f} MiB (empty run: "
+            f"{empty.sizes.get(table, 0) / 2**20:.1f} MiB)"
+        )
+    return lines
+
+
+def _limits(report: Report) -> list[str]:
+    sagabox = next((s for s in report.systems if s.name == "sagabox"), None)
+    if sagabox is None or (not report.pgbench and report.pika is None):
+        return []
+    m = sagabox.main
+    commits, messages = m.per_saga(m.commits), m.per_saga(m.messages)
+    lines = ["", "the machine's limits, in sagabox's sagas/s:"]
+    for clients, tps in sorted(report.pgbench.items()):
+        lines.append(
+            f"  database: pgbench saga transition, {clients} client(s): {tps:,.0f} tps"
+            f" / {commits:.1f} commits per saga = {tps / commits:,.0f} sagas/s"
+        )
+    if report.pika is not None:
+        lines.append(
+            f"  broker: raw pika, pipelined confirms: {report.pika:,.0f} msg/s"
+            f" / {messages:.1f} messages per saga = {report.pika / messages:,.0f} sagas/s"
+        )
+    return lines
+
+
+def _ratios(report: Report) -> list[str]:
+    ours = next((s for s in report.systems if s.name == "sagabox"), None)
+    peers = [s for s in report.systems if not s.name.startswith("sagabox")]
+    if ours is None or not peers:
+        return []
+    best = max(peers, key=lambda s: s.main.run.rate)
+    cpu_best = min(peers, key=_cpu_per_saga)
+    return [
+        "",
+        f"sagabox / fastest peer ({best.name}): "
+        f"{ours.main.run.rate / best.main.run.rate:.2f}x sagas/s",
+        f"CPU per saga, sagabox / leanest peer ({cpu_best.name}): "
+        f"{_cpu_per_saga(ours) / _cpu_per_saga(cpu_best):.2f}x",
+    ]
+
+
+def _cpu_per_saga(s: SystemResult) -> float:
+    cpu = s.main.cpu_seconds
+    return s.main.per_saga(cpu.get("postgres", 0.0) + cpu.get("rabbitmq", 0.0) + own_cpu(s))

@@ -1,0 +1,318 @@
+"""sagabox itself under load: the relay, the orchestrator and one worker per service.
+
+The services ``place_order`` v1 needs (inventory, payment, shipping, loyalty) each get
+their own database, the orchestrator its own, and a RabbitMQ vhost; the processes run
+as in production (sagabox/supervisor.py). The driver starts sagas through
+``Orchestrator.start`` (one commit each) and learns they ended from one poller
+connection; the poller's transactions and its backend's CPU are taken out of the
+figures.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from sqlalchemy import Engine
+
+import migrations
+from orchestrator import Orchestrator
+from orchestrator.store import make_engine
+from outbox_relay.errors import ConfigurationError
+from participants.examples.checks import SagaOutcome, Seed, check, seed
+from participants.examples.sagas import registry
+from sagabox.benchmarks import cpu, store, workload
+from sagabox.benchmarks.drive import Run, closed_loop, open_loop
+from sagabox.benchmarks.errors import BenchError
+from sagabox.benchmarks.result import Measured, SystemResult, unexpected
+from sagabox.supervisor import ProcessSpec, Supervisor, sagabox_argv
+
+SERVICES = ("inventory", "payment", "shipping", "loyalty")
+NAMES = ("orchestrator", *SERVICES)
+# An idle backend flushes its statistics at most 10 s late (PGSTAT_IDLE_INTERVAL).
+STATS_SETTLE = 11.0
+
+
+class _Waiter:
+    """Wakes each driver thread when the poller sees its saga reach a terminal status."""
+
+    def __init__(
+        self, poller: store.StatusPoller, dead: Callable[[], object], interval: float = 0.002
+    ) -> None:
+        self.poller = poller
+        self.dead = dead
+        self.interval = interval
+        self.waiting: dict[str, tuple[threading.Event, list[str]]] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="poller", daemon=True)
+        self.thread.start()
+
+    def wait(self, saga_id: str, timeout: float) -> str:
+        event, box = threading.Event(), list[str]()
+        with self.lock:
+            self.waiting[saga_id] = (event, box)
+        deadline = time.monotonic() + timeout
+        while not event.wait(0.5):
+            if dead := self.dead():
+                raise BenchError(f"sagabox processes died: {dead}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"saga {saga_id} did not end within {timeout} s")
+        return box[0]
+
+    def _loop(self) -> None:
+        while not self.stopped.is_set():
+            with self.lock:
+                ids = list(self.waiting)
+            if ids:
+                for saga_id, status in self.poller.terminal(ids):
+                    with self.lock:
+                        event, box = self.waiting.pop(saga_id)
+                    box.append(status)
+                    event.set()
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+
+
+class _Live:
+    """What a run holds while sagabox runs: pools, the poller, the processes, saga ids."""
+
+    def __init__(self, bench: SagaboxBench, amqp: str, concurrency: int) -> None:
+        self.amqp = amqp
+        self.timeout = bench.timeout
+        self.engines = {n: make_engine(bench.url(n), pool_size=max(2, concurrency)) for n in NAMES}
+        self.poller = store.StatusPoller(bench.url("orchestrator"))
+        self.supervisor = Supervisor(bench.log_dir)
+        self.waiter = _Waiter(self.poller, self.supervisor.dead)
+        self.orchestrator = Orchestrator(self.engines["orchestrator"], registry())
+        self.started: list[str] = []
+
+    def run_one(self, index: int) -> tuple[str, str]:
+        saga_id = self.orchestrator.start("place_order", workload.order(index), version=1)
+        self.started.append(saga_id)
+        return saga_id, self.waiter.wait(saga_id, self.timeout)
+
+    def close(self) -> None:
+        self.supervisor.stop_all()
+        self.waiter.stop()
+        self.poller.close()
+        for engine in self.engines.values():
+            engine.dispose()
+
+
+@dataclass
+class SagaboxBench:
+    admin_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    amqp_host: str = "127.0.0.1:5672"
+    prefix: str = "sagabox_bench"
+    log_level: str = "WARNING"
+    threads: int = 4
+    timeout: float = 60.0
+    keep: bool = False
+    settle: float = STATS_SETTLE
+    say: Callable[[str], None] = print
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sagabox-bench-")))
+
+    def database(self, name: str) -> str:
+        return f"{self.prefix}_{name}"
+
+    def url(self, name: str) -> str:
+        base, _, _ = self.admin_url.rpartition("/")
+        return f"{base}/{self.database(name)}"
+
+    def run(
+        self,
+        count: int,
+        concurrency: int,
+        *,
+        rate: float | None = None,
+        sweep: tuple[int, ...] = (),
+        sweep_count: int = 0,
+        warmup: int = 20,
+        preload: int = 0,
+    ) -> SystemResult:
+        """Warm up, run the sweep and the open loop, then the measured closed loop.
+
+        With ``preload``, that many finished sagas and their history are inserted first.
+        """
+        total = warmup + count + (len(sweep) * sweep_count) + (count if rate else 0)
+        initial = workload.seed_for(total)
+        self._prepare((*NAMES, "accounting"), initial)
+        live: _Live | None = None
+        try:
+            if preload:
+                self.say(f"sagabox: preloading {preload:,} finished sagas and their history")
+                store.preload(self.url("orchestrator"), preload)
+            live = _Live(self, self._vhost(), concurrency)
+            with live.supervisor:
+                self._start(live.supervisor, live.amqp)
+                self.say(f"sagabox: warming up on {warmup} sagas (logs in {self.log_dir})")
+                closed_loop(live.run_one, warmup, min(concurrency, 4))
+                first = warmup
+                runs: dict[int, Run] = {}
+                for c in sweep:
+                    self.say(f"sagabox: {sweep_count} sagas at concurrency {c}")
+                    runs[c] = closed_loop(live.run_one, sweep_count, c, first)
+                    first += sweep_count
+                opened = None
+                if rate:
+                    self.say(f"sagabox: open loop, {count} sagas at {rate:g}/s")
+                    opened = open_loop(live.run_one, count, rate, first)
+                    first += count
+                main = self._measure(live, count, concurrency, first)
+                dead = live.supervisor.dead()
+            live.close()  # stopped processes and closed pools flush their statistics
+            after = store.commits_by_database(self.admin_url, self.databases())
+            main.commit_split = {
+                db.removeprefix(f"{self.prefix}_"): n - main.commit_split.get(db, 0)
+                for db, n in after.items()
+            }
+            main.commits = sum(main.commit_split.values())
+            main.messages = 2 * store.emitted_messages(self.url("orchestrator"), main.run.ids)
+            problems = self._problems(live.engines, initial, live.started)
+            for r in (*runs.values(), *([opened] if opened else []), main.run):
+                problems += unexpected(r, workload.expected)
+            if dead:
+                problems.append(f"processes died during the run: {dead}")
+            config = (
+                f"relay + orchestrator + {len(SERVICES)} workers x {self.threads} threads, "
+                f"log level {self.log_level}"
+            )
+            name = "sagabox"
+            if preload:
+                name, config = "sagabox+preload", f"{config}, {preload:,} finished sagas preloaded"
+            sizes = store.table_sizes(self.url("orchestrator"))
+            return SystemResult(name, config, main, runs, opened, problems, sizes)
+        finally:
+            if live is not None:
+                live.close()
+            if not self.keep:
+                self.drop()
+
+    def databases(self) -> list[str]:
+        return [self.database(n) for n in NAMES]
+
+    def _measure(self, live: _Live, count: int, concurrency: int, first: int) -> Measured:
+        """The measured closed loop; ``commits`` is the baseline until the processes stop."""
+        self.say(f"sagabox: settling {self.settle:g} s so every backend flushes its stats")
+        time.sleep(self.settle)
+        groups = self._cpu_groups(live.supervisor, live.poller)
+        before_cpu = cpu.sample(groups)
+        polls_before = live.poller.polls
+        before = store.commits_by_database(self.admin_url, self.databases())
+        self.say(f"sagabox: {count} sagas at concurrency {concurrency} (measured)")
+        run = closed_loop(live.run_one, count, concurrency, first)
+        used = cpu.delta(before_cpu, cpu.sample(groups))
+        used["postgres"] -= used.pop("poller backend")
+        # The poller's own read-only transactions are not sagabox's; the baseline
+        # per database rides in commit_split until the processes have stopped.
+        before[self.database("orchestrator")] += live.poller.polls - polls_before
+        return Measured(run, 0, used, 0, before)
+
+    def _cpu_groups(
+        self, supervisor: Supervisor, poller: store.StatusPoller
+    ) -> dict[str, list[int] | str]:
+        return {
+            "postgres": "postgres",
+            "rabbitmq": "beam.smp",
+            "sagabox": [supervisor.pid(name) for name in supervisor.processes],
+            "poller backend": [poller.backend_pid],
+        }
+
+    def _problems(
+        self,
+        engines: Mapping[str, Engine],
+        initial: Seed,
+        started: list[str],
+    ) -> list[str]:
+        rows = store.statuses(self.url("orchestrator"), started)
+        outcomes = {
+            i: SagaOutcome(name, version, status) for i, (name, status, version) in rows.items()
+        }
+        accounting = make_engine(self.url("accounting"), pool_size=1)
+        try:
+            problems = check({**engines, "accounting": accounting}, initial, outcomes)
+        finally:
+            accounting.dispose()
+        if len(outcomes) != len(started):
+            problems.append(f"{len(started) - len(outcomes)} started saga(s) not found")
+        return problems
+
+    def _prepare(self, names: tuple[str, ...], initial: Seed) -> None:
+        for name in names:
+            store.recreate_database(self.admin_url, self.database(name))
+            url = self.url(name)
+            branches = (
+                ["orchestrator"] if name == "orchestrator" else ["participant", f"example_{name}"]
+            )
+            for branch in branches:
+                migrations.upgrade(url, branch)
+        engines = {n: make_engine(self.url(n), pool_size=1) for n in ("inventory", "payment")}
+        try:
+            seed(engines, initial)
+        finally:
+            for engine in engines.values():
+                engine.dispose()
+
+    def _start(self, supervisor: Supervisor, amqp_url: str) -> None:
+        # The same processes and settings as sagabox/demo.py, with a quieter log level.
+        common = {"SAGABOX_AMQP_URL": amqp_url, "SAGABOX_LOG_LEVEL": self.log_level}
+        urls = [self.url(n) for n in ("orchestrator", *SERVICES)]
+        supervisor.start(
+            ProcessSpec(
+                "relay",
+                sagabox_argv("relay"),
+                {**common, "SAGABOX_RELAY_DATABASE_URLS": ",".join(urls)},
+            )
+        )
+        supervisor.start(
+            ProcessSpec(
+                "orchestrator",
+                sagabox_argv("orchestrator"),
+                {
+                    **common,
+                    "SAGABOX_DATABASE_URL": self.url("orchestrator"),
+                    "SAGABOX_SAGAS": "participants.examples.sagas:registry",
+                },
+            )
+        )
+        for service in SERVICES:
+            argv = sagabox_argv(
+                "participant", f"participants.examples.{service}", "--threads", str(self.threads)
+            )
+            supervisor.start(
+                ProcessSpec(
+                    service, argv, {**common, "SAGABOX_PARTICIPANT_DATABASE_URL": self.url(service)}
+                )
+            )
+
+    def _vhost(self) -> str:
+        if shutil.which("rabbitmqctl") is None:
+            raise ConfigurationError("the benchmark needs rabbitmqctl to create its RabbitMQ vhost")
+        _rabbitmqctl("delete_vhost", self.prefix, check=False)
+        _rabbitmqctl("add_vhost", self.prefix)
+        _rabbitmqctl("set_permissions", "-p", self.prefix, "guest", ".*", ".*", ".*")
+        return f"amqp://guest:guest@{self.amqp_host}/{quote(self.prefix, safe='')}"
+
+    def drop(self) -> None:
+        for name in ("orchestrator", *SERVICES, "accounting"):
+            store.drop_database(self.admin_url, self.database(name))
+        _rabbitmqctl("delete_vhost", self.prefix, check=False)
+
+
+def _rabbitmqctl(*args: str, check: bool = True) -> None:
+    try:
+        subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, check=check, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        if check:
+            raise BenchError(f"rabbitmqctl {' '.join(args)} failed: {e}") from e

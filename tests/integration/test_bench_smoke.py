@@ -1,0 +1,42 @@
+"""``sagabox bench saga`` on 20 sagas without peers: sane figures, and the check holds."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+
+from sagabox.benchmarks.report import render
+from sagabox.benchmarks.run import Options, run
+from tests import servers
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(services: None) -> None:
+    options = Options(
+        count=20,
+        concurrency=4,
+        warmup=2,
+        peers=(),
+        admin_url=servers.PG_ADMIN_URL,
+        settle=1.0,
+        prefix=f"sagabox_test_bench_{uuid.uuid4().hex[:8]}",
+    )
+    report = run(options, say=lambda _: None)
+    text = render(report)
+    (sagabox,) = report.systems
+    main = sagabox.main
+    assert report.ok, text
+    assert main.run.count == 20 and len(main.run.latencies_ms) == 20, text
+    assert 0 < main.run.rate < 10_000, text
+    p50, p99 = main.run.percentile(0.5), main.run.percentile(0.99)
+    assert 0 < p50 <= p99 < 60_000, text
+    # A 4-step saga commits at least once per step and its start; polling adds more.
+    assert 5 <= main.per_saga(main.commits) < 1_000, text
+    assert main.messages == pytest.approx(20 * 7.8, rel=0.2), text  # 8 or 6 per saga
+    assert main.cpu_seconds["sagabox"] > 0 and main.cpu_seconds["postgres"] > 0, text
+    assert all(not math.isnan(v) for v in main.cpu_seconds.values()), text
+    line = next(row for row in text.splitlines() if row.startswith("sagabox "))
+    assert line.endswith("ok"), text
