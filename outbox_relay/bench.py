@@ -33,9 +33,10 @@ import psycopg
 from sqlalchemy import create_engine
 
 from outbox_relay import store
+from outbox_relay.broker import ConfirmingChannel, Confirms, connect_amqp
 from outbox_relay.errors import RelayError
 from outbox_relay.message import Envelope, encode
-from outbox_relay.relay import ConfirmingChannel, Relay, RelayConfig, _Confirms, connect_amqp
+from outbox_relay.relay import Relay, RelayConfig
 from outbox_relay.store import OutboxRow
 from outbox_relay.table import OutboxWriter, OutgoingMessage
 
@@ -175,7 +176,7 @@ async def _raw_baseline(amqp: str, config: RelayConfig, rows: list[OutboxRow]) -
     try:
         channel = await ConfirmingChannel.open(connection, config.topology, config.connect_timeout)
         await channel.ensure(QUEUE, config.connect_timeout)
-        confirms = _Confirms(len(rows))
+        confirms = Confirms(len(rows))
         started = time.perf_counter()
         channel.publish(rows, confirms)
         outcomes = await confirms.done

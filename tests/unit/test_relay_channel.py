@@ -9,13 +9,8 @@ from typing import Any
 import pytest
 from pika.spec import Basic, BasicProperties
 
-from outbox_relay.relay import (
-    BrokerUnavailable,
-    ConfirmingChannel,
-    Relay,
-    RelayConfig,
-    _Confirms,
-)
+from outbox_relay.broker import BrokerUnavailable, ConfirmingChannel, Confirms
+from outbox_relay.relay import Relay, RelayConfig
 from outbox_relay.store import OutboxRow
 from outbox_relay.topology import Topology
 
@@ -61,7 +56,7 @@ def test_multiple_acks_nacks_and_returns_settle_a_batch() -> None:
         fake = FakeChannel()
         channel = ConfirmingChannel(fake, Topology())
         rows = [row(i) for i in range(5)]
-        confirms = _Confirms(len(rows))
+        confirms = Confirms(len(rows))
         channel.publish(rows, confirms)
         assert [p[4] for p in fake.published] == [True] * 5  # mandatory
         assert fake.published[0][3].delivery_mode == 2
@@ -85,7 +80,7 @@ def test_unencodable_headers_park_without_publishing() -> None:
     async def scenario() -> tuple[list[Any], int]:
         fake = FakeChannel()
         channel = ConfirmingChannel(fake, Topology())
-        confirms = _Confirms(2)
+        confirms = Confirms(2)
         channel.publish([row(0, {"ratio": 0.5}), row(1, {"n": 1})], confirms)
         confirm(channel, 1)
         return await asyncio.wait_for(confirms.done, 1), len(fake.published)
@@ -100,14 +95,14 @@ def test_a_closed_channel_fails_the_batches_in_flight() -> None:
     async def scenario() -> None:
         fake = FakeChannel()
         channel = ConfirmingChannel(fake, Topology())
-        confirms = _Confirms(2)
+        confirms = Confirms(2)
         channel.publish([row(0), row(1)], confirms)
         confirm(channel, 1)
         fake.on_close(fake, RuntimeError("connection lost"))
         with pytest.raises(BrokerUnavailable, match="connection lost"):
             await confirms.done
         with pytest.raises(BrokerUnavailable):
-            channel.publish([row(2)], _Confirms(1))
+            channel.publish([row(2)], Confirms(1))
 
     run(scenario())
 
@@ -138,7 +133,7 @@ def test_a_stop_before_run_is_not_lost() -> None:
 def test_an_abandoned_channel_fails_its_batches_and_refuses_more() -> None:
     async def scenario() -> None:
         channel = ConfirmingChannel(FakeChannel(), Topology())
-        confirms = _Confirms(1)
+        confirms = Confirms(1)
         channel.publish([row(0)], confirms)
         channel.abandon("confirms timed out")
         with pytest.raises(BrokerUnavailable, match="timed out"):
