@@ -101,12 +101,15 @@ def run(
     progress: Callable[[str], None] = lambda _: None,
 ) -> BenchResult:
     """Run the three measurements; ``migrate(url)`` prepares a scratch database."""
-    with _database(database_url, admin_database_url, migrate) as db, _vhost(amqp_url) as amqp:
+    with (
+        _database(database_url, admin_database_url, migrate) as db,
+        scratch_vhost(amqp_url) as amqp,
+    ):
         base = config or RelayConfig(database_urls=(db,), amqp_url=amqp)
         relay_config = RelayConfig(**{**_fields(base), "database_urls": (db,), "amqp_url": amqp})
-        rows = [_row(i) for i in range(messages)]
+        rows = [outbox_row(i) for i in range(messages)]
         progress(f"raw pika baseline: publishing {messages} messages")
-        raw_seconds = asyncio.run(_raw_baseline(amqp, relay_config, rows))
+        raw_seconds = asyncio.run(raw_baseline(amqp, relay_config, rows))
         _purge(amqp)
         progress(f"relay: prefilling {messages} rows")
         _prefill(db, rows)
@@ -149,7 +152,7 @@ def _fields(config: RelayConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
-def _row(index: int) -> OutboxRow:
+def outbox_row(index: int) -> OutboxRow:
     message_id = str(uuid.uuid4())
     correlation_id = str(uuid.uuid4())
     envelope = Envelope(
@@ -170,7 +173,7 @@ def _row(index: int) -> OutboxRow:
     return OutboxRow(index, message_id, correlation_id, "", QUEUE, body, None, 0)
 
 
-async def _raw_baseline(amqp: str, config: RelayConfig, rows: list[OutboxRow]) -> float:
+async def raw_baseline(amqp: str, config: RelayConfig, rows: list[OutboxRow]) -> float:
     """Publish every row at once on one confirming channel; seconds until all confirmed."""
     connection, lost = await connect_amqp(amqp, config.connect_timeout)
     try:
@@ -303,7 +306,7 @@ def _database(
 
 
 @contextmanager
-def _vhost(url: str | None, host: str = "127.0.0.1:5672") -> Iterator[str]:
+def scratch_vhost(url: str | None, host: str = "127.0.0.1:5672") -> Iterator[str]:
     if url is not None:
         yield url
         return
