@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import structlog
@@ -50,10 +50,15 @@ from orchestrator.machine import Command, Transition, start, transition
 from orchestrator.registry import Registry
 from orchestrator.state import SagaState
 from orchestrator.validation import check_input
-from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, encode
+from outbox_relay import tracing
+from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, encode, is_valid_traceparent
 from outbox_relay.table import OutboxWriter, OutgoingMessage
 
 log = structlog.get_logger("sagabox.orchestrator")
+
+# The key of SagaState.extra (and of the Started history entry's "extra") holding the
+# caller's W3C trace context, which every message of the saga then carries.
+TRACEPARENT = "traceparent"
 
 OutcomeStatus = Literal["applied", "ignored", "duplicate", "rejected"]
 
@@ -112,6 +117,7 @@ class Orchestrator:
         version: int | None = None,
         idempotency_key: str | None = None,
         connection: Connection | Session | None = None,
+        traceparent: str | None = None,
     ) -> str:
         """Start a saga and return its id.
 
@@ -119,6 +125,8 @@ class Orchestrator:
         in the caller's transaction, which the caller commits: an order row and its
         saga appear together or not at all. Without it, the saga commits on its own.
         Starting twice with one ``idempotency_key`` returns the first saga's id.
+        ``traceparent`` (W3C trace context) is kept with the saga and sent with each
+        of its messages, so the caller's trace follows the saga everywhere.
         """
         definition = self.registry.get(name, version)
         payload = check_input(definition, data)
@@ -130,14 +138,24 @@ class Orchestrator:
             isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200
         ):
             raise InvalidInputError("idempotency_key must be a string of 1 to 200 characters")
-        if connection is None:
-            with self._begin() as conn:
-                return self._start(
-                    conn, definition.name, definition.version, payload, idempotency_key
-                )
-        with _translated():
-            conn = connection.connection() if isinstance(connection, Session) else connection
-            return self._start(conn, definition.name, definition.version, payload, idempotency_key)
+        if traceparent is not None and not is_valid_traceparent(traceparent):
+            raise InvalidInputError(
+                f"traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>), "
+                f"got {traceparent!r:.80}"
+            )
+        args = (definition.name, definition.version, payload, idempotency_key)
+        with tracing.span(
+            f"saga start {definition.name}",
+            traceparent,
+            kind="producer",
+            attributes={"sagabox.saga": definition.name, "sagabox.version": definition.version},
+        ):
+            if connection is None:
+                with self._begin() as conn:
+                    return self._start(conn, *args, traceparent=traceparent)
+            with _translated():
+                conn = connection.connection() if isinstance(connection, Session) else connection
+                return self._start(conn, *args, traceparent=traceparent)
 
     def _start(
         self,
@@ -146,11 +164,15 @@ class Orchestrator:
         version: int,
         data: dict[str, Any],
         idempotency_key: str | None,
+        *,
+        traceparent: str | None,
     ) -> str:
         definition = self.registry.get(name, version)
         saga_id = str(uuid.uuid4())
         now = self.clock()
         t = start(definition, saga_id, data, now)
+        extra = {TRACEPARENT: traceparent} if traceparent is not None else {}
+        t = replace(t, state=_with_extra(t.state, extra))
         inserted = store.insert_saga(
             conn,
             saga_id=saga_id,
@@ -172,9 +194,17 @@ class Orchestrator:
                     "with different data"
                 )
             return existing.id
-        store.insert_history(conn, [_history_row(t, Started(data=data), None, 1, now)])
+        started = _history_row(t, Started(data=data), None, 1, now)
+        if extra:
+            # Kept in the history too, so that replay rebuilds the same state.
+            started["event_data"] = {**started["event_data"], "extra": extra}
+        store.insert_history(conn, [started])
         self.outbox.write(
-            conn, [self._outgoing(definition.name, version, c, None, now) for c in t.commands]
+            conn,
+            [
+                self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
+                for c in t.commands
+            ],
         )
         with structlog.contextvars.bound_contextvars(
             correlation_id=saga_id, saga=name, version=version
@@ -218,8 +248,14 @@ class Orchestrator:
                 )
                 definition = self.registry.get(row.name, row.version)
                 event = event_from_reply(reply)
-                t = transition(definition, state, event, now)
-                outcome = self._log(t, event, reply, row)
+                with tracing.span(
+                    f"saga reply {row.name}.{reply.step} {reply.type}",
+                    _traceparent(state) or reply.traceparent,
+                    kind="consumer",
+                    attributes=_span_attributes(row, reply),
+                ):
+                    t = transition(definition, state, event, now)
+                    outcome = self._log(t, event, reply, row)
                 outcomes[reply.message_id] = outcome
                 if not t.changed:
                     continue
@@ -227,7 +263,14 @@ class Orchestrator:
                 states[row.id] = (row, t.state, revision)
                 history_rows.append(_history_row(t, event, state, revision, now))
                 messages.extend(
-                    self._outgoing(row.name, row.version, c, reply.message_id, now)
+                    self._outgoing(
+                        row.name,
+                        row.version,
+                        c,
+                        reply.message_id,
+                        now,
+                        traceparent=_traceparent(t.state),
+                    )
                     for c in t.commands
                 )
             self._save(conn, states, history_rows, messages)
@@ -294,7 +337,10 @@ class Orchestrator:
                 if t.changed:
                     history_rows.append(_history_row(t, event, state, revision, now))
                     messages.extend(
-                        self._outgoing(row.name, row.version, c, None, now) for c in t.commands
+                        self._outgoing(
+                            row.name, row.version, c, None, now, traceparent=_traceparent(t.state)
+                        )
+                        for c in t.commands
                     )
                     with structlog.contextvars.bound_contextvars(
                         correlation_id=row.id, saga=row.name
@@ -358,7 +404,12 @@ class Orchestrator:
                         + t.note.removeprefix("refused: ")
                     )
                 revision = row.revision + 1
-                messages = [self._outgoing(row.name, row.version, c, None, now) for c in t.commands]
+                messages = [
+                    self._outgoing(
+                        row.name, row.version, c, None, now, traceparent=_traceparent(t.state)
+                    )
+                    for c in t.commands
+                ]
                 self._save(
                     conn,
                     {row.id: (row, t.state, revision)},
@@ -393,6 +444,7 @@ class Orchestrator:
             now = entry["at"].timestamp()
             if isinstance(event, Started):
                 state = start(definition, saga_id, event.data, now).state
+                state = _with_extra(state, entry["event_data"].get("extra", {}))
             else:
                 assert state is not None
                 state = transition(definition, state, event, now).state
@@ -425,7 +477,14 @@ class Orchestrator:
         self.outbox.write(conn, messages)
 
     def _outgoing(
-        self, saga: str, version: int, command: Command, causation_id: str | None, now: float
+        self,
+        saga: str,
+        version: int,
+        command: Command,
+        causation_id: str | None,
+        now: float,
+        *,
+        traceparent: str | None,
     ) -> OutgoingMessage:
         envelope = Envelope(
             message_id=command.message_id,
@@ -440,12 +499,15 @@ class Orchestrator:
             payload=command.payload,
             reply_to=self.reply_queue,
             sent_at=now,
+            traceparent=traceparent,
         )
         return OutgoingMessage(
             message_id=command.message_id,
             correlation_id=command.saga_id,
             destination=command.participant,
             body=encode(envelope, queue=command.participant, actor=command.type),
+            # The relay publishes these as AMQP headers, where tracing tools look.
+            headers={TRACEPARENT: traceparent} if traceparent is not None else None,
         )
 
     def _log(self, t: Transition, event: Event, reply: Envelope, row: store.SagaRow) -> Outcome:
@@ -490,6 +552,27 @@ def _history_row(
         "event_data": event.to_dict(),
         "emitted": [c.message_id for c in t.commands] or None,
         "actor": event.actor if isinstance(event, OperatorEvent) else None,
+    }
+
+
+def _with_extra(state: SagaState, extra: Mapping[str, Any]) -> SagaState:
+    return replace(state, extra={**state.extra, **extra}) if extra else state
+
+
+def _traceparent(state: SagaState) -> str | None:
+    value = state.extra.get(TRACEPARENT)
+    return value if isinstance(value, str) else None
+
+
+def _span_attributes(row: store.SagaRow, reply: Envelope) -> dict[str, str | int]:
+    return {
+        "sagabox.saga_id": row.id,
+        "sagabox.saga": row.name,
+        "sagabox.version": row.version,
+        "sagabox.step": reply.step,
+        "sagabox.attempt": reply.attempt,
+        "sagabox.reply_type": reply.type,
+        "messaging.message.id": reply.message_id,
     }
 
 

@@ -40,6 +40,9 @@ DEFAULT_REPLY_QUEUE = "sagabox.replies"
 NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 MAX_NAME_LENGTH = 200
 
+# W3C Trace Context, version 00: lowercase hex only (https://www.w3.org/TR/trace-context/).
+TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+
 
 def is_valid_name(value: object) -> bool:
     """True for a name usable as a queue, actor, saga, step or command name."""
@@ -48,6 +51,15 @@ def is_valid_name(value: object) -> bool:
         and len(value) <= MAX_NAME_LENGTH
         and NAME_RE.fullmatch(value) is not None
     )
+
+
+def is_valid_traceparent(value: object) -> bool:
+    """True for a W3C ``traceparent`` (version 00) whose trace and parent ids are not zero."""
+    if not isinstance(value, str):
+        return False
+    match = TRACEPARENT_RE.fullmatch(value)
+    # The spec makes all-zero ids invalid: they would join unrelated traces into one.
+    return match is not None and int(match[1], 16) != 0 and int(match[2], 16) != 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +78,16 @@ class Envelope:
     payload: Mapping[str, Any] = field(default_factory=dict)
     reply_to: str | None = None
     sent_at: float = 0.0
+    # The W3C trace context of the saga's caller, so one trace follows the saga.
+    traceparent: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["payload"] = dict(self.payload)
+        # Left out when absent: a consumer that predates the field refuses unknown
+        # fields, so messages without trace context stay readable by it.
+        if self.traceparent is None:
+            del data["traceparent"]
         return data
 
 
@@ -146,6 +164,12 @@ def envelope_from_dict(data: object) -> Envelope:
         raise MessageError(
             f"'sent_at' must be seconds since the epoch (0 to {MAX_SENT_AT}), got {sent_at!r:.40}"
         )
+    traceparent = data.get("traceparent")
+    if traceparent is not None and not is_valid_traceparent(traceparent):
+        raise MessageError(
+            f"'traceparent' must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>, "
+            f"ids not all zero), got {traceparent!r:.80}"
+        )
     return Envelope(
         message_id=message_id,
         correlation_id=correlation_id,
@@ -159,6 +183,7 @@ def envelope_from_dict(data: object) -> Envelope:
         payload=payload,
         reply_to=reply_to,
         sent_at=float(sent_at),
+        traceparent=traceparent,
     )
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from outbox_relay import tracing
 from outbox_relay.message import Envelope, envelope_from_dict, is_valid_name
 from outbox_relay.table import OutboxWriter
 from participants import handling
@@ -97,7 +98,21 @@ class Participant:
         """
         envelope = message if isinstance(message, Envelope) else envelope_from_dict(message)
         store = inbox if inbox is not None else PostgresInbox(session, writer)
-        return handling.handle(self.name, self.handlers, session, envelope, store)
+        # A child of the saga's caller's trace: the handler's work shows up in it.
+        with tracing.span(
+            f"{self.name} {envelope.kind} {envelope.type}",
+            envelope.traceparent,
+            kind="consumer",
+            attributes={
+                "sagabox.participant": self.name,
+                "sagabox.saga_id": envelope.correlation_id,
+                "sagabox.saga": envelope.saga,
+                "sagabox.step": envelope.step,
+                "sagabox.attempt": envelope.attempt,
+                "messaging.message.id": envelope.message_id,
+            },
+        ):
+            return handling.handle(self.name, self.handlers, session, envelope, store)
 
     def bind(
         self, broker: Broker, engine: Engine, *, retries: RetryPolicy | None = None

@@ -25,6 +25,7 @@ def reply_to(
 
     A re-emitted stored reply goes through here too, so it carries the attempt and
     causation of the duplicate it answers, which is how the orchestrator matches it.
+    It keeps the command's trace context, so the saga's caller sees the reply in its trace.
     """
     if command.reply_to is None:
         raise MessageError("the command has no 'reply_to' queue to answer on")
@@ -41,6 +42,7 @@ def reply_to(
         payload=dict(reply.payload),
         reply_to=None,
         sent_at=clock(),
+        traceparent=command.traceparent,
     )
 
 
@@ -51,6 +53,8 @@ def outgoing(reply: Envelope, destination: str) -> OutgoingMessage:
         correlation_id=reply.correlation_id,
         destination=destination,
         body=encode(reply, queue=destination, actor=REPLY_ACTOR),
+        # The relay publishes these as AMQP headers, where tracing tools look.
+        headers={"traceparent": reply.traceparent} if reply.traceparent is not None else None,
     )
 
 

@@ -1,0 +1,76 @@
+"""Optional OpenTelemetry spans, parented on a message's W3C ``traceparent``.
+
+With the ``otel`` extra installed (opentelemetry-api, and an SDK to export), ``span``
+opens an OpenTelemetry span whose parent is the given traceparent, so a caller's
+trace continues through the saga's steps and the participants' handlers. Without
+it, ``span`` does nothing and opentelemetry is never imported.
+
+Exporters, samplers and the TracerProvider are the entry point's business, like
+structlog's configuration: the API without a configured provider records nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import cache
+from types import ModuleType
+from typing import Literal
+
+SpanKind = Literal["internal", "producer", "consumer"]
+Attributes = Mapping[str, str | int | float | bool]
+
+TRACER_NAME = "sagabox"
+
+
+@cache
+def _opentelemetry() -> tuple[ModuleType, ModuleType] | None:
+    """The trace API and the W3C propagator module, or None without the extra."""
+    try:
+        # Imported on first use, so a process without the extra never pays for it
+        # and one with the extra imports it only once it traces something. By name,
+        # so type checking does not need the extra either.
+        return (
+            importlib.import_module("opentelemetry.trace"),
+            importlib.import_module("opentelemetry.trace.propagation.tracecontext"),
+        )
+    except ImportError:
+        return None
+
+
+def enabled() -> bool:
+    """True when opentelemetry is installed, so ``span`` records (given a provider)."""
+    return _opentelemetry() is not None
+
+
+@contextmanager
+def span(
+    name: str,
+    traceparent: str | None,
+    *,
+    kind: SpanKind = "internal",
+    attributes: Attributes | None = None,
+) -> Iterator[None]:
+    """A span around the block, child of ``traceparent`` (or of the current span if None).
+
+    An exception leaving the block is recorded on the span and raised on.
+    """
+    otel = _opentelemetry()
+    if otel is None:
+        yield
+        return
+    trace, tracecontext = otel
+    parent = (
+        tracecontext.TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+        if traceparent is not None
+        else None
+    )
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(
+        name,
+        context=parent,
+        kind=getattr(trace.SpanKind, kind.upper()),
+        attributes=dict(attributes or {}),
+    ):
+        yield
