@@ -28,6 +28,7 @@ from orchestrator import metrics
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import StoreError
 from outbox_relay.errors import MessageError
+from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, decode
 from outbox_relay.redaction import redact_text
 from outbox_relay.topology import Topology
@@ -68,6 +69,9 @@ class ReplyConsumer:
     purge_interval: float = 300.0
     topology: Topology = field(default_factory=Topology)
     on_batch: Callable[[int], None] | None = None
+    # Tests arm orchestrator.after_commit_before_ack: a crash there redelivers a batch
+    # that is already applied, which the reply inbox must absorb.
+    failpoints: Failpoints = NO_FAILPOINTS
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _pending: list[_Delivery] = field(default_factory=list, init=False)
 
@@ -155,6 +159,7 @@ class ReplyConsumer:
             reason = d.error or (rejected.get(d.envelope.message_id, "") if d.envelope else "")
             if reason:
                 self._dead_letter(channel, d, reason)
+        self.failpoints("orchestrator.after_commit_before_ack")
         channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
         if self.on_batch is not None:
             self.on_batch(len(batch))

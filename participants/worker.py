@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from outbox_relay.errors import MessageError
+from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
@@ -71,6 +72,9 @@ class Binding:
     broker: Broker
     engine: Engine
     writer: OutboxWriter = field(default_factory=OutboxWriter)
+    # Tests arm participant.before_commit / participant.after_commit_before_ack: a crash
+    # before the commit must apply nothing, one after it must apply nothing twice.
+    failpoints: Failpoints = NO_FAILPOINTS
     actors: dict[str, Actor[..., None]] = field(default_factory=dict)
 
     def parse(
@@ -89,6 +93,9 @@ class Binding:
         envelope = self.parse(args, kwargs)
         with Session(self.engine) as session, session.begin():
             self.participant.handle(session, envelope, writer=self.writer)
+            self.failpoints("participant.before_commit")
+        # dramatiq acks once this returns (after the middleware's after-hooks).
+        self.failpoints("participant.after_commit_before_ack")
 
     def reply_failure(self, envelope: Envelope, reason: str) -> None:
         """Best effort: tell the orchestrator that ``envelope`` was dead-lettered.
@@ -113,10 +120,11 @@ def bind(
     engine: Engine,
     *,
     retries: RetryPolicy | None = None,
+    failpoints: Failpoints = NO_FAILPOINTS,
 ) -> Binding:
     """Declare one actor per command and compensation of ``participant`` on ``broker``."""
     participant.validate()
-    binding = Binding(participant, broker, engine)
+    binding = Binding(participant, broker, engine, failpoints=failpoints)
     options = (retries or RetryPolicy()).actor_options()
     for name in participant.handlers:
         binding.actors[name] = Actor(
@@ -202,6 +210,7 @@ class WorkerConfig:
     # Must match the relay's SAGABOX_QUORUM_QUEUES / SAGABOX_QUORUM_DELIVERY_LIMIT.
     quorum_queues: bool = False
     quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    failpoints: Failpoints = NO_FAILPOINTS
 
 
 def load(module_name: str) -> list[Participant]:
@@ -232,7 +241,7 @@ def build(
     )
     broker = ParticipantBroker(url=config.amqp_url, topology=topology)
     for participant in participants:
-        participant.bind(broker, engine, retries=config.retries)
+        bind(participant, broker, engine, retries=config.retries, failpoints=config.failpoints)
     broker.add_middleware(
         InboxPurge(engine, retention=config.retention, interval=config.purge_interval)
     )

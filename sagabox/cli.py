@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "sagabox.commands.bench",
     "sagabox.commands.trace",
     "sagabox.commands.up",
+    "sagabox.commands.chaos",
 )
 
 

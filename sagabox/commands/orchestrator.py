@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 from typing import Any
 
+import pika.exceptions
+
 from orchestrator.engine import Orchestrator
 from orchestrator.metrics import SagaGauges
 from orchestrator.service import ReplyConsumer
 from orchestrator.store import make_engine
+from outbox_relay.failpoints import Failpoints
 from sagabox import health, logs, metrics
 from sagabox.registry import load_registry
 from sagabox.settings.orchestrator import OrchestratorSettings
@@ -61,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         topology=settings.topology,
         reply_retention=settings.reply_retention,
         purge_interval=settings.purge_interval,
+        # 'raise' plays a connection lost between the commit and the ack: the consumer
+        # reconnects and the broker redelivers the batch.
+        failpoints=Failpoints.from_env(error=pika.exceptions.AMQPConnectionError),
     )
     consumer.install_signal_handlers()
     if settings.metrics_port:

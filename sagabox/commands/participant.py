@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from outbox_relay.failpoints import Failpoints
 from participants import worker
 from sagabox import health, logs, metrics
 from sagabox.settings.participant import ParticipantSettings
@@ -89,7 +90,8 @@ def serve(module: str, settings: ParticipantSettings, index: int = 0) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    worker.run(participants, settings.worker_config(), stop)
+    config = dataclasses.replace(settings.worker_config(), failpoints=Failpoints.from_env())
+    worker.run(participants, config, stop)
 
 
 def supervise(module: str, settings: ParticipantSettings) -> int:

@@ -67,3 +67,24 @@ def test_relay_settings_from_env() -> None:
 def test_bad_relay_settings_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=name):
         RelaySettings.from_env(Env({name: value}))
+
+
+def test_a_seed_replays_the_failpoint_draws() -> None:
+    """No servers: ``exit@P`` and friends fire as the seed says, run after run."""
+
+    def fired(seed: int) -> list[bool]:
+        points = Failpoints.parse("p=raise@0.3", seed=seed, error=ValueError)
+        outcomes = []
+        for _ in range(50):
+            try:
+                points("p")
+            except ValueError:
+                outcomes.append(True)
+            else:
+                outcomes.append(False)
+        return outcomes
+
+    assert fired(7) == fired(7) != fired(8)
+    assert 5 <= sum(fired(7)) <= 25
+    with pytest.raises(ConfigurationError, match="SAGABOX_FAILPOINTS"):
+        Failpoints.parse("p=exit@1.5")

@@ -1,0 +1,347 @@
+"""``sagabox chaos``: a steady load of place_order sagas while random faults hit the
+system, then a verdict.
+
+The whole system runs here as in ``sagabox up`` (several replicas of each process,
+restarted when they die) against fresh databases and a fresh vhost. While the load
+runs, faults drawn from ``--seed`` hit it: a process killed with SIGKILL, every
+connection of one database terminated, every broker connection closed, a participant
+worker frozen (SIGSTOP) for a few seconds. Then the run waits for every saga to end and
+every outbox to drain, and judges it like the demo does
+(``participants.examples.checks.check``, contiguous histories, empty outboxes).
+
+The verdict is PASS, FAIL (an invariant broke) or INVALID: a run in which some kind
+of fault never fired while sagas were in flight proved nothing about that kind, so it
+cannot pass. The seed fixes the orders, the faults and their times; the processes'
+own timing still varies, so a seed replays the run's plan, not its every interleaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import Engine, func, select
+
+from orchestrator import Orchestrator, make_engine
+from orchestrator.tables import history, saga
+from outbox_relay.table import outbox
+from participants.examples.checks import SagaOutcome, Seed, check
+from participants.examples.sagas import registry
+from sagabox.supervisor import RestartPolicy
+from sagabox.up import Replicas, Up, UpConfig, setup
+
+SERVICES = ("inventory", "payment", "shipping", "loyalty")
+FAULT_KINDS = ("kill", "database_disconnect", "broker_disconnect", "pause")
+SEED = Seed(stock={"apple": 1_000_000}, balances={"alice": 1_000_000_000, "bob": 50})
+UNSETTLED = ("running", "compensating")
+EXIT_PASS, EXIT_FAIL, EXIT_INVALID = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosConfig:
+    sagas: int
+    duration: float
+    seed: int
+    replicas: Replicas = field(default_factory=lambda: Replicas(2, 2, 2))
+    threads: int = 2
+    fault_interval: float = 2.5  # mean seconds between faults
+    drain_timeout: float = 120.0
+    admin_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    amqp_host: str = "127.0.0.1:5672"
+    prefix: str = "sagabox_chaos"
+
+
+@dataclass
+class Report:
+    started: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    unplanned: int = 0  # ended otherwise than planned: legitimate after a timeout
+    faults: Counter[str] = field(default_factory=Counter)
+    in_flight: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    ignored_replies: int = 0
+    violations: list[str] = field(default_factory=list)
+    drain_seconds: float | None = None
+
+    @property
+    def never_fired(self) -> list[str]:
+        return [kind for kind in FAULT_KINDS if not self.in_flight[kind]]
+
+    @property
+    def verdict(self) -> str:
+        if self.violations:
+            return "FAIL"
+        return "INVALID" if self.never_fired else "PASS"
+
+    def lines(self, config: ChaosConfig) -> list[str]:
+        drain = "did not drain" if self.drain_seconds is None else f"{self.drain_seconds:.1f} s"
+        rows = [
+            ("sagas started", str(self.started)),
+            ("  completed", str(self.outcomes["completed"])),
+            ("  compensated", str(self.outcomes["compensated"])),
+            ("  parked (failed)", str(self.outcomes["failed"])),
+            ("  other than planned", str(self.unplanned)),
+            *(
+                (f"faults: {kind}", f"{self.faults[kind]} ({self.in_flight[kind]} in flight)")
+                for kind in FAULT_KINDS
+            ),
+            ("duplicates absorbed", str(self.duplicates)),
+            ("late replies ignored", str(self.ignored_replies)),
+            ("invariant violations", str(len(self.violations))),
+            ("time to drain", drain),
+        ]
+        out = [
+            f"sagabox chaos: seed {config.seed}, {config.sagas} sagas over {config.duration:g} s"
+        ]
+        out += [f"  {name:<28}{value}" for name, value in rows]
+        out += [f"  violation: {v}" for v in self.violations]
+        if self.never_fired:
+            out.append(f"  never fired with sagas in flight: {', '.join(self.never_fired)}")
+        out.append(f"  verdict: {self.verdict}")
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        return {"PASS": EXIT_PASS, "FAIL": EXIT_FAIL}.get(self.verdict, EXIT_INVALID)
+
+
+def order(rng: random.Random, i: int) -> tuple[dict[str, Any], str]:
+    """A random order and the outcome planned for it (bob cannot pay; no US shipping)."""
+    customer = "bob" if rng.random() < 0.15 else "alice"
+    country = "US" if rng.random() < 0.1 else "FR"
+    amount = 900 if customer == "bob" else rng.randint(1, 500)
+    expect = "completed" if customer == "alice" and country == "FR" else "compensated"
+    data = {
+        "order_id": f"chaos-{i}",
+        "customer": customer,
+        "sku": "apple",
+        "qty": rng.randint(1, 3),
+        "amount": amount,
+        "country": country,
+        "email": f"{customer}@example.com",
+    }
+    return data, expect
+
+
+@dataclass
+class Chaos:
+    config: ChaosConfig
+    log_dir: Path
+    say: Callable[[str], None] = print
+    rng: random.Random = field(init=False)
+    urls: dict[str, str] = field(init=False)
+    amqp_url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.config.seed)
+        base = self.config.admin_url.rpartition("/")[0]
+        self.urls = {n: f"{base}/{self.config.prefix}_{n}" for n in ("orchestrator", *SERVICES)}
+        self.amqp_url = (
+            f"amqp://guest:guest@{self.config.amqp_host}/{quote(self.config.prefix, safe='')}"
+        )
+
+    def run(self) -> Report:
+        self._prepare()
+        up_config = UpConfig(
+            orchestrator_url=self.urls["orchestrator"],
+            participant_urls={s: self.urls[s] for s in SERVICES},
+            amqp_url=self.amqp_url,
+            replicas=self.config.replicas,
+            threads=self.config.threads,
+        )
+        setup(up_config, SEED)
+        engines: dict[str, Engine] = {n: make_engine(u, pool_size=2) for n, u in self.urls.items()}
+        engines["accounting"] = engines["orchestrator"]  # place_order has no fares
+        up = Up(up_config, self.log_dir, RestartPolicy(initial=0.3), say=lambda _: None)
+        stop = threading.Event()
+        watcher = threading.Thread(target=up.watch, args=(stop,), daemon=True)
+        report = Report()
+        paused: set[int] = set()
+        try:
+            up.start()
+            watcher.start()
+            expected = self._load(up, engines, report, paused)
+            self._drain(engines, expected, report)
+        finally:
+            for pid in paused:
+                _signal(pid, signal.SIGCONT)
+            stop.set()
+            watcher.join(timeout=5)
+            up.stop()
+        try:
+            self._judge(engines, expected, report)
+        finally:
+            for engine in {id(e): e for e in engines.values()}.values():
+                engine.dispose()
+        return report
+
+    def _load(
+        self, up: Up, engines: Mapping[str, Engine], report: Report, paused: set[int]
+    ) -> dict[str, str]:
+        orchestrator = Orchestrator(engines["orchestrator"], registry())
+        expected: dict[str, str] = {}
+        rate = self.config.sagas / self.config.duration
+        kinds: list[str] = []
+        started_at = time.monotonic()
+        next_fault = started_at + self.rng.expovariate(1 / self.config.fault_interval)
+        for i in range(self.config.sagas):
+            data, expect = order(self.rng, i)
+            saga_id = orchestrator.start("place_order", data, version=1, idempotency_key=f"c{i}")
+            expected[saga_id] = expect
+            report.started += 1
+            now = time.monotonic()
+            if now >= next_fault:
+                if not kinds:  # every kind once per round, in an order the seed picks
+                    kinds = list(FAULT_KINDS)
+                    self.rng.shuffle(kinds)
+                kind = kinds.pop()
+                in_flight = _unsettled(engines["orchestrator"]) > 0
+                self._fault(kind, up, paused)
+                report.faults[kind] += 1
+                report.in_flight[kind] += int(in_flight)
+                next_fault = now + self.rng.expovariate(1 / self.config.fault_interval)
+            time.sleep(max(0.0, started_at + (i + 1) / rate - time.monotonic()))
+        return expected
+
+    def _fault(self, kind: str, up: Up, paused: set[int]) -> None:
+        names = sorted(up.supervisor.processes)
+        if kind == "kill":
+            name = self.rng.choice(names)
+            _signal(up.supervisor.pid(name), signal.SIGKILL)
+            self.say(f"fault: killed {name}")
+        elif kind == "database_disconnect":
+            name = self.rng.choice(sorted(self.urls))
+            database = self.urls[name].rpartition("/")[2]
+            with psycopg.connect(self.config.admin_url, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (database,),
+                )
+            self.say(f"fault: terminated the connections to {name}'s database")
+        elif kind == "broker_disconnect":
+            _rabbitmqctl("close_all_connections", "--vhost", self.config.prefix, "sagabox chaos")
+            self.say("fault: closed every broker connection")
+        else:
+            name = self.rng.choice([n for n in names if n.split("-")[0] in SERVICES])
+            pid = up.supervisor.pid(name)
+            seconds = self.rng.uniform(1.0, 4.0)  # under the steps' 10 s timeout
+            _signal(pid, signal.SIGSTOP)
+            paused.add(pid)
+            timer = threading.Timer(seconds, self._resume, args=(pid, paused))
+            timer.daemon = True
+            timer.start()
+            self.say(f"fault: paused {name} for {seconds:.1f} s")
+
+    @staticmethod
+    def _resume(pid: int, paused: set[int]) -> None:
+        _signal(pid, signal.SIGCONT)
+        paused.discard(pid)
+
+    def _drain(
+        self, engines: Mapping[str, Engine], expected: Mapping[str, str], report: Report
+    ) -> None:
+        started = time.monotonic()
+        deadline = started + self.config.drain_timeout
+        while time.monotonic() < deadline:
+            try:
+                if _unsettled(engines["orchestrator"]) == 0 and all(
+                    _outbox_rows(e) == 0 for e in engines.values()
+                ):
+                    report.drain_seconds = time.monotonic() - started
+                    return
+            except Exception:  # a database terminated a moment ago answers again soon
+                pass
+            time.sleep(0.25)
+
+    def _judge(
+        self, engines: Mapping[str, Engine], expected: Mapping[str, str], report: Report
+    ) -> None:
+        with engines["orchestrator"].connect() as conn:
+            rows = conn.execute(select(saga.c.id, saga.c.name, saga.c.version, saga.c.status))
+            outcomes = {str(r.id): SagaOutcome(r.name, r.version, r.status) for r in rows}
+        report.outcomes = Counter(outcomes[s].status for s in expected)
+        report.unplanned = sum(
+            1
+            for s, e in expected.items()
+            if outcomes[s].status in ("completed", "compensated") and outcomes[s].status != e
+        )
+        report.violations += check(engines, SEED, outcomes)
+        if report.outcomes["failed"]:
+            report.violations.append(f"{report.outcomes['failed']} saga(s) parked")
+        report.violations += _history_gaps(engines["orchestrator"])
+        for name, engine in engines.items():
+            if (rows_left := _outbox_rows(engine)) and name != "accounting":
+                report.violations.append(f"{name}: {rows_left} outbox rows never published")
+        text = "\n".join(p.read_text(errors="replace") for p in self.log_dir.glob("*.log"))
+        report.duplicates = len(re.findall(r"inbox_duplicate_skipped", text))
+        report.ignored_replies = len(re.findall(r"reply_ignored", text))
+
+    def drop(self) -> None:
+        """Remove the run's databases and vhost (a run keeps them to look at)."""
+        self._drop_databases()
+        _rabbitmqctl("delete_vhost", self.config.prefix, check=False)
+
+    def _drop_databases(self) -> None:
+        with psycopg.connect(self.config.admin_url, autocommit=True) as conn:
+            for url in self.urls.values():
+                name = sql.Identifier(url.rpartition("/")[2])
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+
+    def _prepare(self) -> None:
+        """Fresh databases and a fresh vhost, so the checks judge this run alone."""
+        self._drop_databases()
+        _rabbitmqctl("delete_vhost", self.config.prefix, check=False)
+        _rabbitmqctl("add_vhost", self.config.prefix)
+        _rabbitmqctl("set_permissions", "-p", self.config.prefix, "guest", ".*", ".*", ".*")
+
+
+def _signal(pid: int, signum: int) -> None:
+    # It may have died meanwhile (another fault): then there is nothing to do.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _rabbitmqctl(*args: str, check: bool = True) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=60)
+
+
+def _unsettled(engine: Engine) -> int:
+    query = select(func.count()).select_from(saga).where(saga.c.status.in_(UNSETTLED))
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def _outbox_rows(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(outbox)).scalar_one())
+
+
+def _history_gaps(engine: Engine) -> list[str]:
+    query = select(
+        history.c.saga_id,
+        func.count(),
+        func.count(history.c.seq.distinct()),
+        func.min(history.c.seq),
+        func.max(history.c.seq),
+    ).group_by(history.c.saga_id)
+    with engine.connect() as conn:
+        return [
+            f"saga {saga_id}: history of {n} rows, {distinct} distinct seq {low}..{high}"
+            for saga_id, n, distinct, low, high in conn.execute(query)
+            if not (n == distinct == high - low + 1 and low in (0, 1))
+        ]
