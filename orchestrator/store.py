@@ -229,3 +229,24 @@ def purge_reply_inbox(conn: Connection, older_than: dt.datetime, limit: int = 10
         )
     )
     return conn.execute(stmt).rowcount
+
+
+def history_gaps(conn: Connection) -> list[str]:
+    """Sagas whose history is not seq 1..n without gap or repeat (an invariant of chaos runs)."""
+    query = select(
+        history.c.saga_id,
+        func.count(),
+        func.count(history.c.seq.distinct()),
+        func.min(history.c.seq),
+        func.max(history.c.seq),
+    ).group_by(history.c.saga_id)
+    return [
+        f"saga {saga_id}: history of {n} rows, {distinct} distinct seq {low}..{high}"
+        for saga_id, n, distinct, low, high in conn.execute(query)
+        if not (n == distinct == high - low + 1 and low in (0, 1))
+    ]
+
+
+def count_by_status(conn: Connection, statuses: Iterable[str]) -> int:
+    query = select(func.count()).select_from(saga).where(saga.c.status.in_(list(statuses)))
+    return int(conn.execute(query).scalar_one())

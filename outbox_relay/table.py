@@ -25,6 +25,7 @@ from sqlalchemy import (
     Uuid,
     func,
     insert,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -103,3 +104,8 @@ class OutboxWriter:
         if now - self._last_notify >= self.notify_interval:
             conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
             self._last_notify = now
+
+
+def pending_rows(conn: Connection) -> int:
+    """Rows still in the outbox: not yet published, or parked."""
+    return int(conn.execute(select(func.count()).select_from(outbox)).scalar_one())

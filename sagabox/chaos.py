@@ -34,11 +34,12 @@ from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from orchestrator import Orchestrator, make_engine
-from orchestrator.tables import history, saga
-from outbox_relay.table import outbox
+from orchestrator import store as orchestrator_store
+from orchestrator.tables import saga
+from outbox_relay.table import pending_rows
 from participants.examples.checks import SagaOutcome, Seed, check
 from participants.examples.sagas import registry
 from sagabox.supervisor import RestartPolicy
@@ -321,27 +322,15 @@ def _rabbitmqctl(*args: str, check: bool = True) -> None:
 
 
 def _unsettled(engine: Engine) -> int:
-    query = select(func.count()).select_from(saga).where(saga.c.status.in_(UNSETTLED))
     with engine.connect() as conn:
-        return int(conn.execute(query).scalar_one())
+        return orchestrator_store.count_by_status(conn, UNSETTLED)
 
 
 def _outbox_rows(engine: Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(outbox)).scalar_one())
+        return pending_rows(conn)
 
 
 def _history_gaps(engine: Engine) -> list[str]:
-    query = select(
-        history.c.saga_id,
-        func.count(),
-        func.count(history.c.seq.distinct()),
-        func.min(history.c.seq),
-        func.max(history.c.seq),
-    ).group_by(history.c.saga_id)
     with engine.connect() as conn:
-        return [
-            f"saga {saga_id}: history of {n} rows, {distinct} distinct seq {low}..{high}"
-            for saga_id, n, distinct, low, high in conn.execute(query)
-            if not (n == distinct == high - low + 1 and low in (0, 1))
-        ]
+        return orchestrator_store.history_gaps(conn)

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from orchestrator import Orchestrator, Registry, make_engine
-from orchestrator.tables import history, saga
-from outbox_relay.table import outbox
+from orchestrator import store as orchestrator_store
+from orchestrator.tables import saga
+from outbox_relay.table import pending_rows
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from sagabox.supervisor import ProcessSpec, Supervisor
 from sagabox.up import Replicas, UpConfig, specs
@@ -221,24 +222,13 @@ def drained(engine: Engine) -> bool:
 
 def outbox_rows(engine: Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(outbox)).scalar_one())
+        return pending_rows(conn)
 
 
 def history_gaps(engine: Engine) -> list[str]:
     """Sagas whose history seq is not 1..n with no gap and no repeat."""
-    query = select(
-        history.c.saga_id,
-        func.count(),
-        func.count(history.c.seq.distinct()),
-        func.min(history.c.seq),
-        func.max(history.c.seq),
-    ).group_by(history.c.saga_id)
     with engine.connect() as conn:
-        return [
-            f"{saga_id}: {n} rows, {distinct} distinct seq from {low} to {high}"
-            for saga_id, n, distinct, low, high in conn.execute(query)
-            if not (n == distinct == high - low + 1 and low in (0, 1))
-        ]
+        return orchestrator_store.history_gaps(conn)
 
 
 def terminate_backends(url: str) -> int:

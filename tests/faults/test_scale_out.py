@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from orchestrator import Orchestrator, make_engine
-from orchestrator.tables import history, saga
+from orchestrator import store as orchestrator_store
+from orchestrator.tables import saga
 from outbox_relay.table import outbox
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from participants.examples.sagas import registry
@@ -86,19 +87,8 @@ def completed(engine: Engine) -> int:
 
 def history_gaps(engine: Engine) -> list[str]:
     """Sagas whose history seq is not 1..n with no gap and no repeat."""
-    query = select(
-        history.c.saga_id,
-        func.count(),
-        func.count(history.c.seq.distinct()),
-        func.min(history.c.seq),
-        func.max(history.c.seq),
-    ).group_by(history.c.saga_id)
     with engine.connect() as conn:
-        return [
-            f"{saga_id}: {n} rows, {distinct} distinct seq from {low} to {high}"
-            for saga_id, n, distinct, low, high in conn.execute(query)
-            if not (n == distinct == high - low + 1 and low in (0, 1))
-        ]
+        return orchestrator_store.history_gaps(conn)
 
 
 def test_killed_replicas_are_restarted_and_every_saga_ends_consistently(

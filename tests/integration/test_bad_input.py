@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pika
 import pytest
@@ -14,7 +14,7 @@ from dramatiq import Worker
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from orchestrator import Orchestrator, Registry, make_engine
+from orchestrator import Orchestrator, Registry
 from orchestrator.service import ReplyConsumer
 from outbox_relay.message import decode, encode
 from outbox_relay.table import outbox
@@ -24,18 +24,11 @@ from participants.examples import inventory
 from participants.testing import command
 from participants.worker import RetryPolicy
 from tests.corpus import command_corpus, reply_corpus
-from tests.integration.test_engine import DATA, Clock, reply
 from tests.sagas import ORDER
+from tests.support import DATA, Clock, reply
 
 pytestmark = pytest.mark.integration
 REPLIES = "sagabox.replies"
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
 
 
 def publish_all(amqp_url: str, queue: str, bodies: list[bytes]) -> None:

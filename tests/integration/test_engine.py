@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -20,68 +19,21 @@ from orchestrator import (
     SagaStatus,
     StepStatus,
     UnknownSagaError,
-    make_engine,
 )
 from orchestrator.machine import command_id
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import OutboxWriter, outbox
 from tests.sagas import ORDER, registry
+from tests.support import DATA, Clock, count, reply
 
 pytestmark = pytest.mark.integration
-
-DATA = {"order_id": "o-1", "sku": "sku-1", "qty": 2, "amount": 500}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def orch(engine: Engine, clock: Clock) -> Orchestrator:
-    return Orchestrator(engine, Registry([ORDER]), clock=clock)
-
-
-def count(engine: Engine, table: Table) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
 def outbox_envelopes(engine: Engine) -> list[tuple[str, Envelope]]:
     with engine.connect() as conn:
         rows = conn.execute(select(outbox.c.destination, outbox.c.body).order_by(outbox.c.id))
         return [(r.destination, decode(r.body)) for r in rows]
-
-
-def reply(saga_id: str, step: str, type_: str, attempt: int = 1, **payload: Any) -> Envelope:
-    return Envelope(
-        message_id=str(uuid.uuid4()),
-        correlation_id=saga_id,
-        causation_id=command_id(saga_id, step, "command", attempt),
-        saga="order",
-        version=1,
-        step=step,
-        attempt=attempt,
-        kind="reply",
-        type=type_,
-        payload=payload,
-    )
 
 
 def test_start_writes_state_history_and_the_first_command(

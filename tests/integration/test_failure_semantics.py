@@ -7,7 +7,6 @@ test_engine.py.)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,13 +21,12 @@ from orchestrator import (
     SagaStatus,
     Step,
     StepStatus,
-    make_engine,
 )
 from orchestrator.machine import backoff, command_id
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import outbox
-from tests.integration.test_engine import DATA, Clock
 from tests.sagas import ORDER
+from tests.support import DATA, Clock
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +61,6 @@ RULES = Saga(
         ),
     ],
 )
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

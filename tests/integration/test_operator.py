@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,14 +25,13 @@ from orchestrator import (
     Step,
     StepStatus,
     UnknownSagaError,
-    make_engine,
 )
 from orchestrator.machine import command_id
 from orchestrator.tables import history, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import outbox
 from sagabox.cli import main
-from tests.integration.test_engine import Clock
+from tests.support import Clock
 
 pytestmark = pytest.mark.integration
 
@@ -73,18 +72,6 @@ OPS = Saga(
 def registry() -> Registry:
     """For the CLI (SAGABOX_SAGAS=tests.integration.test_operator:registry)."""
     return Registry([OPS])
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -11,32 +11,14 @@ import pika
 import pytest
 from sqlalchemy import Engine, func, select
 
-from orchestrator import Orchestrator, Registry, make_engine
+from orchestrator import Orchestrator
 from orchestrator.service import ReplyConsumer, declare_reply_queue
 from orchestrator.tables import history
 from outbox_relay.message import REPLY_ACTOR, Envelope, encode
-from tests.integration.test_engine import DATA, Clock, reply
-from tests.sagas import ORDER
+from tests.support import DATA, Clock, reply
 
 pytestmark = pytest.mark.integration
 QUEUE = "sagabox.replies"
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def orch(engine: Engine, clock: Clock) -> Orchestrator:
-    return Orchestrator(engine, Registry([ORDER]), clock=clock)
 
 
 @pytest.fixture

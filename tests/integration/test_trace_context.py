@@ -4,7 +4,6 @@ the otel extra, parents the orchestrator's and the participants' spans."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,16 +11,15 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from orchestrator import InvalidInputError, Orchestrator, Registry, make_engine
+from orchestrator import InvalidInputError, Orchestrator
 from orchestrator.tables import history, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import outbox
 from participants import Context, Participant, Payload
 from participants.testing import MemoryInbox
-from tests.integration.test_engine import DATA, Clock, count, reply
 from tests.integration.test_relay import consume, outbox_count, relay_config, running_relay
 from tests.integration.test_relay import wait_until as wait_for
-from tests.sagas import ORDER
+from tests.support import DATA, Clock, count, reply
 
 pytestmark = pytest.mark.integration
 
@@ -31,23 +29,6 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 # The handler here never touches its session; the engine only passes it through.
 NO_SESSION: Any = None
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def orch(engine: Engine, clock: Clock) -> Orchestrator:
-    return Orchestrator(engine, Registry([ORDER]), clock=clock)
 
 
 @dataclass(frozen=True)
