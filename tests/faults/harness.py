@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from sqlalchemy import Engine, select
@@ -192,6 +194,11 @@ class System:
         assert history_gaps(self.engines["orchestrator"]) == []
         for name, engine in self.engines.items():
             wait_for(partial(drained, engine), 15, f"{name}'s outbox to drain")
+        wait_for(
+            lambda: busy_queues(self.amqp_url) == {},
+            15,
+            "every main queue to be empty (no ready, no unacked message)",
+        )
 
     def logs_tail(self, lines: int = 15) -> str:
         out = []
@@ -214,6 +221,35 @@ def running(system: System, env: Mapping[str, Mapping[str, str]] | None = None) 
         yield system
     finally:
         system.stop()
+
+
+def busy_queues(amqp_url: str) -> dict[str, tuple[int, int]]:
+    """Main queues (not .DQ/.XQ) of the vhost holding ready or unacked messages."""
+    vhost = unquote(urlsplit(amqp_url).path.lstrip("/")) or "/"
+    listing = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "--formatter",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return {
+        q["name"]: (int(q["messages_ready"]), int(q["messages_unacknowledged"]))
+        for q in json.loads(listing.stdout or "[]")
+        if not q["name"].endswith((".DQ", ".XQ"))
+        and (int(q["messages_ready"]) or int(q["messages_unacknowledged"]))
+    }
 
 
 def drained(engine: Engine) -> bool:
