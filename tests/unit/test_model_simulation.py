@@ -7,6 +7,7 @@ saga settles with its effects consistent."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from orchestrator import Registry, Retry, Saga, Step, data, result
 from orchestrator.events import TimersDue, event_from_reply
 from orchestrator.machine import Command, start, transition
 from orchestrator.state import SETTLED, SagaState, SagaStatus
-from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope
+from outbox_relay.errors import MessageError
+from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, decode
 from participants import BusinessFailure, Context, Participant, Payload
 from participants.testing import MemoryInbox
 
@@ -166,6 +168,47 @@ class SystemModel(RuleBasedStateMachine):
         t = transition(SHOP, state, event_from_reply(reply), self.now)
         self.sagas[reply.correlation_id] = t.state
         self._emit(t.state, t.commands)
+
+    @precondition(lambda self: bool(self.sagas))
+    @rule(
+        pick=st.integers(0, 10_000),
+        step=st.sampled_from(["reserve", "charge", "no_such_step"]),
+        type_=st.sampled_from(["succeeded", "failed", "error", "compensated", "cancelled"]),
+        attempt=st.integers(1, 9),
+        garbage=st.binary(max_size=64),
+    )
+    def a_bad_message_arrives(
+        self, pick: int, step: str, type_: str, attempt: int, garbage: bytes
+    ) -> None:
+        """Garbage never gets past the decoder; a well-formed reply that fits no attempt
+        (unknown step, attempt never sent, no result) changes nothing it should not."""
+        with contextlib.suppress(MessageError):
+            decode(garbage)
+            raise AssertionError("garbage decoded")
+        saga_id = sorted(self.sagas)[pick % len(self.sagas)]
+        state = self.sagas[saga_id]
+        current = state.steps.get(step)
+        sent = (
+            0
+            if current is None
+            else (current.comp_attempt if type_ == "compensated" else current.attempt)
+        )
+        if attempt <= sent:
+            return  # a legitimate reply to an attempt that was sent: not a bad message
+        bogus = Envelope(
+            message_id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
+            correlation_id=saga_id,
+            causation_id=None,
+            saga=SHOP.name,
+            version=SHOP.version,
+            step=step,
+            attempt=attempt,
+            kind="reply",
+            type=type_,
+            payload={},
+        )
+        t = transition(SHOP, state, event_from_reply(bogus), self.now)
+        assert not t.changed and not t.commands, f"a bogus reply moved the saga: {t.note}"
 
     @rule(jump=st.floats(0.1, 8.0))
     def clock_jumps_and_timers_fire(self, jump: float) -> None:
