@@ -5,7 +5,8 @@ The whole system runs here as in ``sagabox up`` (several replicas of each proces
 restarted when they die) against fresh databases and a fresh vhost. While the load
 runs, faults drawn from ``--seed`` hit it: a process killed with SIGKILL, every
 connection of one database terminated, every broker connection closed, a participant
-worker frozen (SIGSTOP) for a few seconds. Then the run waits for every saga to end and
+worker frozen (SIGSTOP) for a few seconds, PostgreSQL restarted with ``-m immediate``,
+RabbitMQ's port blackholed (iptables DROP) or refused (REJECT) for a few seconds. Then the run waits for every saga to end and
 every outbox to drain, and judges it like the demo does
 (``participants.examples.checks.check``, contiguous histories, empty outboxes).
 
@@ -21,6 +22,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -35,10 +37,12 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
 
-from orchestrator import Orchestrator, make_engine
+from orchestrator import Orchestrator, StoreError, make_engine
 from orchestrator import store as orchestrator_store
 from orchestrator.tables import saga
+from outbox_relay.errors import ConfigurationError
 from outbox_relay.table import pending_rows
 from participants.examples.checks import SagaOutcome, Seed, check
 from participants.examples.sagas import registry
@@ -46,7 +50,15 @@ from sagabox.supervisor import RestartPolicy
 from sagabox.up import Replicas, Up, UpConfig, setup
 
 SERVICES = ("inventory", "payment", "shipping", "loyalty")
-FAULT_KINDS = ("kill", "database_disconnect", "broker_disconnect", "pause")
+FAULT_KINDS = (
+    "kill",
+    "database_disconnect",
+    "broker_disconnect",
+    "pause",
+    "postgres_restart",
+    "broker_blackhole",
+)
+AMQP_PORT = 5672
 SEED = Seed(stock={"apple": 1_000_000}, balances={"alice": 1_000_000_000, "bob": 50})
 UNSETTLED = ("running", "compensating")
 EXIT_PASS, EXIT_FAIL, EXIT_INVALID = 0, 1, 2
@@ -156,6 +168,12 @@ class Chaos:
         )
 
     def run(self) -> Report:
+        missing = [tool for tool in ("iptables", "pg_ctlcluster") if shutil.which(tool) is None]
+        if missing:
+            raise ConfigurationError(
+                f"sagabox chaos needs {' and '.join(missing)} for its faults"
+                " (Debian: apt-get install iptables postgresql-common) and runs as root"
+            )
         self._prepare()
         up_config = UpConfig(
             orchestrator_url=self.urls["orchestrator"],
@@ -172,6 +190,7 @@ class Chaos:
         watcher = threading.Thread(target=up.watch, args=(stop,), daemon=True)
         report = Report()
         paused: set[int] = set()
+        self._blackholes: list[list[str]] = []
         try:
             up.start()
             watcher.start()
@@ -180,6 +199,8 @@ class Chaos:
         finally:
             for pid in paused:
                 _signal(pid, signal.SIGCONT)
+            for rule in list(self._blackholes):
+                _unblock(rule)
             stop.set()
             watcher.join(timeout=5)
             up.stop()
@@ -201,7 +222,11 @@ class Chaos:
         next_fault = started_at + self.rng.expovariate(1 / self.config.fault_interval)
         for i in range(self.config.sagas):
             data, expect = order(self.rng, i)
-            saga_id = orchestrator.start("place_order", data, version=1, idempotency_key=f"c{i}")
+            saga_id = _retrying(
+                lambda data=data, i=i: orchestrator.start(  # type: ignore[misc]
+                    "place_order", data, version=1, idempotency_key=f"c{i}"
+                )
+            )
             expected[saga_id] = expect
             report.started += 1
             now = time.monotonic()
@@ -210,7 +235,7 @@ class Chaos:
                     kinds = list(FAULT_KINDS)
                     self.rng.shuffle(kinds)
                 kind = kinds.pop()
-                in_flight = _unsettled(engines["orchestrator"]) > 0
+                in_flight = _retrying(lambda: _unsettled(engines["orchestrator"])) > 0
                 self._fault(kind, up, paused)
                 report.faults[kind] += 1
                 report.in_flight[kind] += int(in_flight)
@@ -237,6 +262,38 @@ class Chaos:
         elif kind == "broker_disconnect":
             _rabbitmqctl("close_all_connections", "--vhost", self.config.prefix, "sagabox chaos")
             self.say("fault: closed every broker connection")
+        elif kind == "postgres_restart":
+            # Every connection of every process dies at once and nothing is checkpointed.
+            for version in sorted(os.listdir("/etc/postgresql")):
+                subprocess.run(
+                    [
+                        "pg_ctlcluster",
+                        "--skip-systemctl-redirect",
+                        version,
+                        "main",
+                        "restart",
+                        "-m",
+                        "immediate",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+            self.say("fault: restarted PostgreSQL (-m immediate)")
+        elif kind == "broker_blackhole":
+            # Silently dropped packets, the worst case for heartbeats; kept under the
+            # steps' timeouts so that the plan's outcomes still hold.
+            target = self.rng.choice(["DROP", "REJECT"])
+            seconds = self.rng.uniform(2.0, 5.0)
+            rule = ["INPUT", "-p", "tcp", "-i", "lo", "--dport", str(AMQP_PORT), "-j", target]
+            if target == "REJECT":
+                rule += ["--reject-with", "tcp-reset"]
+            subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+            self._blackholes.append(rule)
+            timer = threading.Timer(seconds, self._unblock_later, args=(rule,))
+            timer.daemon = True
+            timer.start()
+            self.say(f"fault: RabbitMQ's port {target} for {seconds:.1f} s")
         else:
             name = self.rng.choice([n for n in names if n.split("-")[0] in SERVICES])
             pid = up.supervisor.pid(name)
@@ -247,6 +304,11 @@ class Chaos:
             timer.daemon = True
             timer.start()
             self.say(f"fault: paused {name} for {seconds:.1f} s")
+
+    def _unblock_later(self, rule: list[str]) -> None:
+        if rule in self._blackholes:
+            self._blackholes.remove(rule)
+            _unblock(rule)
 
     @staticmethod
     def _resume(pid: int, paused: set[int]) -> None:
@@ -309,6 +371,22 @@ class Chaos:
         _rabbitmqctl("delete_vhost", self.config.prefix, check=False)
         _rabbitmqctl("add_vhost", self.config.prefix)
         _rabbitmqctl("set_permissions", "-p", self.config.prefix, "guest", ".*", ".*", ".*")
+
+
+def _unblock(rule: list[str]) -> None:
+    subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
+
+
+def _retrying(call: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """``call()``, again while the database is away (a restart fault), up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except (StoreError, DBAPIError, psycopg.Error):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _signal(pid: int, signum: int) -> None:
