@@ -5,8 +5,9 @@ The whole system runs here as in ``sagabox up`` (several replicas of each proces
 restarted when they die) against fresh databases and a fresh vhost. While the load
 runs, faults drawn from ``--seed`` hit it: a process killed with SIGKILL, every
 connection of one database terminated, every broker connection closed, a participant
-worker frozen (SIGSTOP) for a few seconds, PostgreSQL restarted with ``-m immediate``,
-RabbitMQ's port blackholed (iptables DROP) or refused (REJECT) for a few seconds. Then the run waits for every saga to end and
+worker frozen (SIGSTOP) for a few seconds, PostgreSQL restarted with
+``-m immediate``, RabbitMQ's port blackholed (iptables DROP) or refused (REJECT) for a
+few seconds. Then the run waits for every saga to end and
 every outbox to drain, and judges it like the demo does
 (``participants.examples.checks.check``, contiguous histories, empty outboxes).
 
