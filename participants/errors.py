@@ -4,6 +4,8 @@
     └── ParticipantError
         ├── BusinessFailure      raised by a handler: refused for a business reason;
         │                        becomes a stored 'failed' (or 'compensation_failed') reply
+        ├── SavepointNeeded      a BusinessFailure in a transaction run without a savepoint:
+        │                        roll it back and handle the message again with one
         └── DefinitionError      a participant's handlers are declared inconsistently
 
 Anything else a handler raises is technical: the transaction is rolled back and
@@ -30,6 +32,15 @@ class BusinessFailure(ParticipantError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SavepointNeeded(ParticipantError):
+    """A handler refused, in a transaction handled without a savepoint (``optimistic``).
+
+    Its effects cannot be undone alone: the caller rolls the whole transaction back and
+    handles the message again with a savepoint. Handlers succeed far more often than
+    they refuse, so the common path saves the SAVEPOINT and RELEASE round trips.
+    """
 
 
 class DefinitionError(ParticipantError):

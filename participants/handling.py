@@ -7,7 +7,7 @@ The transaction (an Inbox: store.PostgresInbox, or testing.MemoryInbox):
    (except after 'compensation_failed', which is not stored: compensations are retried);
 2. runs the handler in a savepoint, so a BusinessFailure undoes the business effects
    but keeps the inbox row and its 'failed' reply;
-3. stores the reply on the inbox row and adds it to the outbox.
+3. stores the reply on the inbox row and adds it to the outbox (one statement).
 
 A compensation first claims its own key, then the command's as a tombstone: if that
 insert succeeds the command never ran (cancel-before-do), and the late command will
@@ -80,18 +80,22 @@ def handle(
     """
     handler = resolve(handlers, envelope)
     if handler.action == "command":
-        stored = _command(service, handler, session, envelope, inbox)
+        stored, key = _command(service, handler, session, envelope, inbox)
     else:
-        stored = _compensation(service, handler, session, envelope, inbox)
+        stored, key = _compensation(service, handler, session, envelope, inbox)
     reply = reply_to(envelope, stored)
     assert envelope.reply_to is not None  # resolve() checked it
-    inbox.send(reply, envelope.reply_to)
+    inbox.send(reply, envelope.reply_to, record=None if key is None else (key, stored))
     return reply
+
+
+# The reply, and the claimed inbox key to store it on (None: nothing to store).
+Answer = tuple[StoredReply, InboxKey | None]
 
 
 def _command(
     service: str, handler: Handler, session: Session, envelope: Envelope, inbox: Inbox
-) -> StoredReply:
+) -> Answer:
     key = InboxKey(envelope.correlation_id, envelope.step, "command")
     existing = inbox.claim(key, envelope.message_id)
     if existing is not None:
@@ -105,16 +109,15 @@ def _command(
                 reply_type=existing.reply.type,
             )
             DUPLICATES.labels(service, envelope.kind, envelope.type).inc()
-        return existing.reply
+        return existing.reply, None
     stored = _run(service, handler, session, envelope, inbox)
-    inbox.record(key, stored)
     _count(service, envelope, stored)
-    return stored
+    return stored, key
 
 
 def _compensation(
     service: str, handler: Handler, session: Session, envelope: Envelope, inbox: Inbox
-) -> StoredReply:
+) -> Answer:
     key = InboxKey(envelope.correlation_id, envelope.step, "compensation")
     existing = inbox.claim(key, envelope.message_id)
     if existing is not None:
@@ -124,7 +127,7 @@ def _compensation(
             reply_type=existing.reply.type,
         )
         DUPLICATES.labels(service, envelope.kind, envelope.type).inc()
-        return existing.reply
+        return existing.reply, None
     command_key = InboxKey(envelope.correlation_id, envelope.step, "command")
     command = inbox.claim(command_key, envelope.message_id, status="tombstone", reply=CANCELLED)
     if command is None:
@@ -138,15 +141,14 @@ def _compensation(
             # each attempt must run the handler again (docs/messages.md).
             inbox.release(key)
             _count(service, envelope, stored)
-            return stored
+            return stored, None
     else:
         log.info("compensation_skipped", command_reply=command.reply.type)
         stored = StoredReply(
             "compensated", {"skipped": f"the command was not applied ({command.reply.type})"}
         )
-    inbox.record(key, stored)
     _count(service, envelope, stored)
-    return stored
+    return stored, key
 
 
 def _count(service: str, envelope: Envelope, stored: StoredReply) -> None:

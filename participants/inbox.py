@@ -62,10 +62,6 @@ class Inbox(Protocol):
         """
         ...
 
-    def record(self, key: InboxKey, reply: StoredReply) -> None:
-        """Store the reply of a row claimed in this transaction."""
-        ...
-
     def release(self, key: InboxKey) -> None:
         """Drop a row claimed in this transaction, so that a later attempt runs afresh."""
         ...
@@ -74,6 +70,15 @@ class Inbox(Protocol):
         """A nested transaction around the business logic, rolled back if it raises."""
         ...
 
-    def send(self, reply: Envelope, destination: str) -> None:
-        """Add the reply, bound for queue ``destination``, to the outbox in this transaction."""
+    def send(
+        self,
+        reply: Envelope,
+        destination: str,
+        *,
+        record: tuple[InboxKey, StoredReply] | None = None,
+    ) -> None:
+        """Add the reply, bound for queue ``destination``, to the outbox in this transaction.
+
+        With ``record``, also store that reply on the row claimed under that key.
+        """
         ...

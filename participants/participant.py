@@ -90,14 +90,20 @@ class Participant:
         *,
         inbox: Inbox | None = None,
         writer: OutboxWriter | None = None,
+        optimistic: bool = False,
     ) -> Envelope:
         """Handle one command or compensation in ``session``'s transaction; return the reply.
 
         The caller commits. ``message`` is an Envelope or the dict a dramatiq actor
         receives. Raises MessageError for a message this participant cannot take.
+
+        ``optimistic`` runs the handler without a savepoint; if it refuses, this raises
+        SavepointNeeded and the caller rolls back and calls again without it.
         """
         envelope = message if isinstance(message, Envelope) else envelope_from_dict(message)
-        store = inbox if inbox is not None else PostgresInbox(session, writer)
+        store = (
+            inbox if inbox is not None else PostgresInbox(session, writer, optimistic=optimistic)
+        )
         # A child of the saga's caller's trace: the handler's work shows up in it.
         with tracing.span(
             f"{self.name} {envelope.kind} {envelope.type}",

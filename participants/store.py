@@ -8,18 +8,19 @@ wait until that one ends, so two deliveries of one command never both apply it.
 
 from __future__ import annotations
 
-import uuid
-from contextlib import AbstractContextManager
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import delete, func, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from outbox_relay.message import Envelope, ReplyType
-from outbox_relay.table import OutboxWriter
+from outbox_relay.table import SCHEMA, Along, OutboxWriter
+from participants.errors import BusinessFailure, SavepointNeeded
 from participants.inbox import InboxEntry, InboxKey, Status, StoredReply
 from participants.replies import outgoing
 from participants.tables import command_inbox as inbox_table
@@ -30,9 +31,12 @@ DEFAULT_PURGE_BATCH = 1000
 class PostgresInbox:
     """The inbox and outbox of one participant transaction (a SQLAlchemy Session's)."""
 
-    def __init__(self, session: Session, writer: OutboxWriter | None = None) -> None:
+    def __init__(
+        self, session: Session, writer: OutboxWriter | None = None, *, optimistic: bool = False
+    ) -> None:
         self.session = session
         self.writer = writer or OutboxWriter()
+        self.optimistic = optimistic
 
     def claim(
         self,
@@ -43,31 +47,17 @@ class PostgresInbox:
         reply: StoredReply | None = None,
     ) -> InboxEntry | None:
         conn = self.session.connection()
+        params = {
+            **_key_params(key),
+            "message_id": message_id,
+            "status": status,
+            "reply_type": reply.type if reply else None,
+            "reply_payload": _dumps(reply.payload) if reply else None,
+        }
         while True:
-            inserted = conn.execute(
-                insert(inbox_table)
-                .values(
-                    **_key_values(key),
-                    message_id=uuid.UUID(message_id),
-                    status=status,
-                    reply_type=reply.type if reply else None,
-                    reply_payload=dict(reply.payload) if reply else None,
-                )
-                .on_conflict_do_nothing(index_elements=["saga_id", "step", "action"])
-                .returning(inbox_table.c.status)
-            ).first()
-            if inserted is not None:
+            if conn.exec_driver_sql(_CLAIM, params).first() is not None:
                 return None
-            row = conn.execute(
-                select(
-                    inbox_table.c.message_id,
-                    inbox_table.c.status,
-                    inbox_table.c.reply_type,
-                    inbox_table.c.reply_payload,
-                )
-                .where(*_key_clause(key))
-                .with_for_update()
-            ).first()
+            row = conn.exec_driver_sql(_LOCK, params).first()
             # None only if a purge deleted the row between the two statements: insert again.
             if row is not None:
                 return InboxEntry(
@@ -76,21 +66,70 @@ class PostgresInbox:
                     reply=StoredReply(cast(ReplyType, row.reply_type), row.reply_payload or {}),
                 )
 
-    def record(self, key: InboxKey, reply: StoredReply) -> None:
-        self.session.connection().execute(
-            update(inbox_table)
-            .where(*_key_clause(key))
-            .values(reply_type=reply.type, reply_payload=dict(reply.payload))
-        )
-
     def release(self, key: InboxKey) -> None:
-        self.session.connection().execute(delete(inbox_table).where(*_key_clause(key)))
+        self.session.connection().exec_driver_sql(_RELEASE, _key_params(key))
 
     def savepoint(self) -> AbstractContextManager[object]:
+        if self.optimistic:
+            return _no_savepoint()
         return self.session.begin_nested()
 
-    def send(self, reply: Envelope, destination: str) -> None:
-        self.writer.write(self.session.connection(), [outgoing(reply, destination)])
+    def send(
+        self,
+        reply: Envelope,
+        destination: str,
+        *,
+        record: tuple[InboxKey, StoredReply] | None = None,
+    ) -> None:
+        along = None
+        if record is not None:
+            key, stored = record
+            along = Along(
+                _RECORD,
+                {
+                    **{f"r_{k}": v for k, v in _key_params(key).items()},
+                    "r_type": stored.type,
+                    "r_payload": _dumps(stored.payload),
+                },
+            )
+        self.writer.write(self.session.connection(), [outgoing(reply, destination)], along=along)
+
+
+# The hot path's statements as static SQL (exec_driver_sql): building SQLAlchemy Core
+# statements per message cost more CPU than running them.
+_TABLE = f"{SCHEMA}.command_inbox"
+_KEY = "saga_id = %(saga_id)s AND step = %(step)s AND action = %(action)s"
+_CLAIM = (
+    f"INSERT INTO {_TABLE} "
+    "(saga_id, step, action, message_id, status, reply_type, reply_payload) VALUES "
+    "(%(saga_id)s, %(step)s, %(action)s, %(message_id)s, %(status)s, %(reply_type)s, "
+    "%(reply_payload)s::jsonb) "
+    "ON CONFLICT (saga_id, step, action) DO NOTHING RETURNING status"
+)
+_LOCK = (
+    f"SELECT message_id, status, reply_type, reply_payload FROM {_TABLE} WHERE {_KEY} FOR UPDATE"
+)
+_RELEASE = f"DELETE FROM {_TABLE} WHERE {_KEY}"
+_RECORD = (
+    f"UPDATE {_TABLE} SET reply_type = %(r_type)s, reply_payload = %(r_payload)s::jsonb "
+    "WHERE saga_id = %(r_saga_id)s AND step = %(r_step)s AND action = %(r_action)s"
+)
+
+
+@contextmanager
+def _no_savepoint() -> Iterator[None]:
+    try:
+        yield
+    except BusinessFailure as e:
+        raise SavepointNeeded(e.reason) from e
+
+
+def _key_params(key: InboxKey) -> dict[str, Any]:
+    return {"saga_id": key.saga_id, "step": key.step, "action": key.action}
+
+
+def _dumps(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def purge_inbox(
@@ -116,15 +155,3 @@ def purge_inbox(
         total += deleted
         if deleted < batch_size:
             return total
-
-
-def _key_values(key: InboxKey) -> dict[str, Any]:
-    return {"saga_id": uuid.UUID(key.saga_id), "step": key.step, "action": key.action}
-
-
-def _key_clause(key: InboxKey) -> tuple[Any, ...]:
-    return (
-        inbox_table.c.saga_id == uuid.UUID(key.saga_id),
-        inbox_table.c.step == key.step,
-        inbox_table.c.action == key.action,
-    )

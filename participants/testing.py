@@ -52,11 +52,6 @@ class MemoryInbox:
         self.rows[key] = InboxEntry(message_id, status, reply or StoredReply("error", {}))
         return None
 
-    def record(self, key: InboxKey, reply: StoredReply) -> None:
-        self.calls.append(("record", key))
-        entry = self.rows[key]
-        self.rows[key] = InboxEntry(entry.message_id, entry.status, reply)
-
     def release(self, key: InboxKey) -> None:
         self.calls.append(("release", key))
         del self.rows[key]
@@ -66,7 +61,18 @@ class MemoryInbox:
         self.calls.append(("savepoint", None))
         yield self
 
-    def send(self, reply: Envelope, destination: str) -> None:
+    def send(
+        self,
+        reply: Envelope,
+        destination: str,
+        *,
+        record: tuple[InboxKey, StoredReply] | None = None,
+    ) -> None:
+        if record is not None:
+            key, stored = record
+            self.calls.append(("record", key))
+            entry = self.rows[key]
+            self.rows[key] = InboxEntry(entry.message_id, entry.status, stored)
         self.calls.append(("send", reply.message_id))
         self.sent.append((destination, reply))
 

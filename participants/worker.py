@@ -34,7 +34,7 @@ from outbox_relay.message import Envelope, envelope_from_dict
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from participants.broker import ParticipantBroker
-from participants.errors import DefinitionError
+from participants.errors import DefinitionError, SavepointNeeded
 from participants.handling import resolve
 from participants.middleware import ParticipantMiddleware
 from participants.participant import Participant
@@ -91,11 +91,19 @@ class Binding:
     def process(self, *args: Any, **kwargs: Any) -> None:
         """The body of every actor: one transaction per message."""
         envelope = self.parse(args, kwargs)
-        with Session(self.engine) as session, session.begin():
-            self.participant.handle(session, envelope, writer=self.writer)
-            self.failpoints("participant.before_commit")
+        try:
+            self._transaction(envelope, optimistic=True)
+        except SavepointNeeded:
+            # Refused: the rolled-back attempt had no savepoint to keep the inbox row
+            # and the 'failed' reply while undoing the handler's effects.
+            self._transaction(envelope, optimistic=False)
         # dramatiq acks once this returns (after the middleware's after-hooks).
         self.failpoints("participant.after_commit_before_ack")
+
+    def _transaction(self, envelope: Envelope, *, optimistic: bool) -> None:
+        with Session(self.engine) as session, session.begin():
+            self.participant.handle(session, envelope, writer=self.writer, optimistic=optimistic)
+            self.failpoints("participant.before_commit")
 
     def reply_failure(self, envelope: Envelope, reason: str) -> None:
         """Best effort: tell the orchestrator that ``envelope`` was dead-lettered.

@@ -39,6 +39,13 @@ def render(report: Report) -> str:
                 f"{db} {s.main.per_saga(n):.1f}" for db, n in sorted(s.main.commit_split.items())
             )
             lines.append(f"{s.name} commits per saga by database: {split}")
+    for s in report.systems:
+        mine = {k: v for k, v in s.main.cpu_seconds.items() if k not in ("postgres", "rabbitmq")}
+        if len(mine) > 1:
+            split = ", ".join(
+                f"{name} {1000 * s.main.per_saga(v):.1f}" for name, v in sorted(mine.items())
+            )
+            lines.append(f"{s.name} own CPU ms per saga by process: {split}")
     lines += ["", "configurations:"] + [f"  {s.name}: {s.config}" for s in report.systems]
     for s in report.systems:
         lines += [f"  {s.name} consistency: {p}" for p in s.problems]

@@ -155,8 +155,8 @@ def test_state_and_outbox_commit_together_or_not_at_all(engine: Engine, clock: C
     class Failing(OutboxWriter):
         fail = False
 
-        def write(self, conn: Any, messages: Any) -> None:
-            super().write(conn, messages)
+        def write(self, conn: Any, messages: Any, *, along: Any = None) -> None:
+            super().write(conn, messages, along=along)
             if self.fail:
                 raise RuntimeError("crash after the outbox insert, before commit")
 

@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 from outbox_relay.message import Envelope, decode, encode
 from outbox_relay.table import outbox
 from outbox_relay.topology import Topology
-from participants import Context, Participant, Payload
+from participants import BusinessFailure, Context, Participant, Payload
 from participants.broker import ParticipantBroker
+from participants.tables import command_inbox
 from participants.testing import command
 from participants.worker import RetryPolicy
 
@@ -44,6 +45,20 @@ def boom(session: Session, payload: Payload, ctx: Context) -> None:
     with boom_lock:
         boom_calls.append(ctx.message_id)
     raise RuntimeError("the database is on fire")
+
+
+@flaky.command("flaky_refuse")
+def refuse(session: Session, payload: Payload, ctx: Context) -> None:
+    # An effect first, then the refusal: the effect must go, the inbox row must stay.
+    session.execute(
+        outbox.insert().values(
+            message_id=str(uuid.uuid4()),
+            correlation_id=payload["marker"],
+            destination="nowhere",
+            body="effect of a refused command",
+        )
+    )
+    raise BusinessFailure("refused after writing")
 
 
 @pytest.fixture
@@ -242,3 +257,24 @@ def test_quorum_queues_declared_by_the_relay_are_consumed(
     finally:
         worker.stop()
         broker.close()
+
+
+def test_a_refusal_undoes_the_handlers_effects_and_keeps_the_failed_reply(
+    worker: Worker, engine: Engine, amqp_url: str
+) -> None:
+    # The worker handles without a savepoint first; a refusal redoes it with one.
+    marker = str(uuid.uuid4())
+    cmd = command("flaky_refuse", {"marker": marker})
+    publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_refuse"))
+    wait_for(lambda: len(replies(engine, cmd.correlation_id)) == 1)
+    [reply] = replies(engine, cmd.correlation_id)
+    assert (reply.type, reply.payload["reason"]) == ("failed", "refused after writing")
+    assert replies(engine, marker) == []
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(command_inbox.c.status, command_inbox.c.reply_type).where(
+                command_inbox.c.saga_id == cmd.correlation_id
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [("done", "failed")]
+    assert dead_letters(amqp_url) == 0
