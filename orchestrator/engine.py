@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from orchestrator import store
+from orchestrator import spans, store
 from orchestrator.errors import (
     IdempotencyConflictError,
     InvalidInputError,
@@ -173,7 +173,12 @@ class Orchestrator:
         t = start(definition, saga_id, data, now)
         extra = {TRACEPARENT: traceparent} if traceparent is not None else {}
         t = replace(t, state=_with_extra(t.state, extra))
-        inserted = store.insert_saga(
+        started = _history_row(t, Started(data=data), None, 1, now)
+        if extra:
+            # Kept in the history too, so that replay rebuilds the same state.
+            started["event_data"] = {**started["event_data"], "extra": extra}
+        # The saga row and its first history row in one round trip.
+        inserted = store.insert_started_saga(
             conn,
             saga_id=saga_id,
             name=name,
@@ -182,6 +187,7 @@ class Orchestrator:
             state=t.state.to_dict(),
             wake_at=t.state.wake_at,
             idempotency_key=idempotency_key,
+            started=started,
         )
         if not inserted:
             assert idempotency_key is not None
@@ -194,11 +200,6 @@ class Orchestrator:
                     "with different data"
                 )
             return existing.id
-        started = _history_row(t, Started(data=data), None, 1, now)
-        if extra:
-            # Kept in the history too, so that replay rebuilds the same state.
-            started["event_data"] = {**started["event_data"], "extra": extra}
-        store.insert_history(conn, [started])
         self.outbox.write(
             conn,
             [
@@ -259,6 +260,15 @@ class Orchestrator:
                 outcomes[reply.message_id] = outcome
                 if not t.changed:
                     continue
+                if tracing.enabled():
+                    spans.record_attempt(
+                        definition,
+                        state,
+                        t.state,
+                        reply,
+                        traceparent=_traceparent(state) or reply.traceparent,
+                        now=self.clock(),
+                    )
                 revision += 1
                 states[row.id] = (row, t.state, revision)
                 history_rows.append(_history_row(t, event, state, revision, now))
@@ -460,7 +470,8 @@ class Orchestrator:
         history_rows: Sequence[dict[str, Any]],
         messages: Sequence[OutgoingMessage],
     ) -> None:
-        store.update_sagas(
+        # States and history in one statement, the outbox rows in a second.
+        store.save_transitions(
             conn,
             [
                 {
@@ -472,8 +483,8 @@ class Orchestrator:
                 }
                 for saga_id, (_, state, revision) in states.items()
             ],
+            history_rows,
         )
-        store.insert_history(conn, history_rows)
         self.outbox.write(conn, messages)
 
     def _outgoing(

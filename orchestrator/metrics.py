@@ -33,6 +33,10 @@ DEAD_LETTERED = Counter(
     "sagabox_orchestrator_replies_dead_lettered",
     "Replies parked in the reply dead-letter queue (undecodable or rejected)",
 )
+REDELIVERED = Counter(
+    "sagabox_orchestrator_replies_redelivered",
+    "Replies RabbitMQ delivered again (a consumer died or a connection dropped before the ack)",
+)
 BATCH_SIZE = Histogram(
     "sagabox_orchestrator_batch_size",
     "Replies applied per transaction",

@@ -52,6 +52,7 @@ class _Delivery:
     body: bytes
     envelope: Envelope | None = None
     error: str = ""
+    redelivered: bool = False
 
 
 @dataclass
@@ -129,7 +130,7 @@ class ReplyConsumer:
     def _on_message(
         self, _: BlockingChannel, method: Basic.Deliver, __: BasicProperties, body: bytes
     ) -> None:
-        delivery = _Delivery(method.delivery_tag, body)
+        delivery = _Delivery(method.delivery_tag, body, redelivered=bool(method.redelivered))
         try:
             delivery.envelope = decode(body)
         except MessageError as e:
@@ -153,6 +154,10 @@ class ReplyConsumer:
                 if self._stopping.wait(self.reconnect_delay):
                     return
         metrics.BATCH_SIZE.observe(len(batch))
+        if redelivered := sum(d.redelivered for d in batch):
+            # Shows that the reply inbox had work to do (chaos runs count these lines).
+            log.info("replies_redelivered", count=redelivered)
+            metrics.REDELIVERED.inc(redelivered)
         metrics.record_outcomes(outcomes, undecodable=len(batch) - len(good))
         rejected = {o.message_id: o.note for o in outcomes if o.status == "rejected"}
         for d in batch:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -110,6 +112,16 @@ def describe_database(url: str) -> str:
     return f"{parts.hostname or 'localhost'}/{parts.path.lstrip('/')}"
 
 
+def _debug_enabled() -> bool:
+    """Whether debug lines are written; asked once per batch, not once per message.
+
+    Even a filtered-out call per message costs as much as the batch's INFO line.
+    """
+    # Only structlog's filtering and stdlib loggers know their level; ask the others.
+    enabled = getattr(log, "is_enabled_for", None)
+    return enabled is None or bool(enabled(logging.DEBUG))
+
+
 @dataclass
 class Counters:
     published: int = 0
@@ -147,6 +159,9 @@ class DatabaseRelay:
         self._nacked = NACKED.labels(self.name)
         self._parked = PARKED.labels(self.name)
         self._confirm_seconds = CONFIRM_SECONDS.labels(self.name)
+        # With service and pid (on every line), the host names this relay among
+        # several: in a container every relay is pid 1.
+        self._host = socket.gethostname()
 
     def wake(self) -> None:
         self._wake.set()
@@ -199,6 +214,10 @@ class DatabaseRelay:
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
                 attempt = 0
+                if len(rows) < self._config.batch_size:
+                    # The claim drained the table: claiming again at once would
+                    # mostly find nothing. A NOTIFY or the next poll brings new rows.
+                    await self._idle_wait(self._last_rows)
             except (psycopg.Error, RelayError, OSError) as e:
                 self._slots.release()
                 if conn is not None:
@@ -282,9 +301,12 @@ class DatabaseRelay:
                 raise BrokerUnavailable(
                     f"no confirms within {self._config.confirm_timeout}s"
                 ) from None
-            self._confirm_seconds.observe(asyncio.get_running_loop().time() - confirms.started)
+            confirm_seconds = asyncio.get_running_loop().time() - confirms.started
+            self._confirm_seconds.observe(confirm_seconds)
             self._failpoint("relay.after_confirm_before_mark")
-            await self._record(conn, rows, outcomes)
+            # Not in a pipeline: psycopg's async pipeline costs more CPU than the round
+            # trip it saves (measured: 170 against 117 us per claim and commit).
+            await self._record(conn, rows, outcomes, confirm_seconds)
             await conn.commit()
             self._failpoint("relay.after_mark")
             self._idle.append(conn)
@@ -302,21 +324,27 @@ class DatabaseRelay:
             self._slots.release()
 
     async def _record(
-        self, conn: AsyncConn, rows: list[OutboxRow], outcomes: list[Outcome | None]
+        self,
+        conn: AsyncConn,
+        rows: list[OutboxRow],
+        outcomes: list[Outcome | None],
+        confirm_seconds: float,
     ) -> None:
-        acked: list[int] = []
+        acked: list[OutboxRow] = []
         nacked: list[int] = []
         parked: list[tuple[int, str]] = []
+        per_message = _debug_enabled()
         for row, outcome in zip(rows, outcomes, strict=True):
             kind, reason = outcome or (NACK, "not confirmed")
             if kind == ACK:
-                acked.append(row.id)
-                log.debug(
-                    "outbox_published",
-                    message_id=row.message_id,
-                    correlation_id=row.correlation_id,
-                    destination=row.destination,
-                )
+                acked.append(row)
+                if per_message:
+                    log.debug(
+                        "outbox_published",
+                        message_id=row.message_id,
+                        correlation_id=row.correlation_id,
+                        destination=row.destination,
+                    )
             elif kind == NACK:
                 nacked.append(row.id)
                 log.warning(
@@ -335,7 +363,8 @@ class DatabaseRelay:
                     destination=row.destination,
                     error=reason,
                 )
-        await store.delete(conn, acked)
+        self._log_published(acked, confirm_seconds)
+        await store.delete(conn, [row.id for row in acked])
         await store.retry_later(
             conn,
             nacked,
@@ -352,6 +381,25 @@ class DatabaseRelay:
             self._nacked.inc(len(nacked))
         if parked:
             self._parked.inc(len(parked))
+
+    def _log_published(self, acked: list[OutboxRow], confirm_seconds: float) -> None:
+        """One INFO line per confirmed batch, naming every message and saga in it.
+
+        A line per message halves the relay's throughput, so the ids ride in two
+        parallel lists instead: ``sagabox trace`` and a log query find a saga's
+        messages by ``correlation_ids`` at the default level.
+        """
+        if not acked:
+            return
+        log.info(
+            "outbox_batch_published",
+            database=self.name,
+            host=self._host,
+            count=len(acked),
+            confirm_ms=round(confirm_seconds * 1000, 1),
+            message_ids=[row.message_id for row in acked],
+            correlation_ids=[row.correlation_id for row in acked],
+        )
 
     async def _watch_backlog(self) -> None:
         """Refresh the backlog gauges every ``backlog_interval`` seconds (one cheap query)."""

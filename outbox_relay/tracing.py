@@ -61,16 +61,51 @@ def span(
         yield
         return
     trace, tracecontext = otel
-    parent = (
-        tracecontext.TraceContextTextMapPropagator().extract({"traceparent": traceparent})
-        if traceparent is not None
-        else None
-    )
     tracer = trace.get_tracer(TRACER_NAME)
     with tracer.start_as_current_span(
         name,
-        context=parent,
+        context=_parent(tracecontext, traceparent),
         kind=getattr(trace.SpanKind, kind.upper()),
         attributes=dict(attributes or {}),
     ):
         yield
+
+
+def record(
+    name: str,
+    traceparent: str | None,
+    *,
+    start: float,
+    end: float,
+    kind: SpanKind = "internal",
+    attributes: Attributes | None = None,
+) -> None:
+    """A span of work that already happened, from ``start`` to ``end`` (epoch seconds).
+
+    For work no block of code spans, such as a step's round trip through the broker
+    and a participant: it starts in one transaction and ends in a later one.
+    """
+    otel = _opentelemetry()
+    if otel is None:
+        return
+    trace, tracecontext = otel
+    span = trace.get_tracer(TRACER_NAME).start_span(
+        name,
+        context=_parent(tracecontext, traceparent),
+        kind=getattr(trace.SpanKind, kind.upper()),
+        attributes=dict(attributes or {}),
+        start_time=_nanoseconds(start),
+    )
+    # ``start`` may come from another host's clock: a span must not end before it starts.
+    span.end(end_time=_nanoseconds(max(start, end)))
+
+
+def _parent(tracecontext: ModuleType, traceparent: str | None) -> object:
+    """The context to parent a span on: the traceparent's, or None for the current one."""
+    if traceparent is None:
+        return None
+    return tracecontext.TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+
+
+def _nanoseconds(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)

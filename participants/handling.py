@@ -28,7 +28,7 @@ from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
 from outbox_relay.redaction import redact_text
 from participants.context import Context, Handler
-from participants.errors import BusinessFailure
+from participants.errors import BusinessFailure, SavepointNeeded
 from participants.inbox import CANCELLED, Inbox, InboxKey, StoredReply
 from participants.replies import failed, reply_to, succeeded
 
@@ -165,10 +165,14 @@ def _run(
     command_result: Mapping[str, Any] | None = None,
 ) -> StoredReply:
     ctx = Context.of(service, envelope, command_result)
-    started = time.perf_counter()
+    started: float | None = time.perf_counter()
     try:
         with inbox.savepoint():
             result = handler.fn(session, envelope.payload, ctx)
+    except SavepointNeeded:
+        # This run is rolled back and redone: only the redo counts.
+        started = None
+        raise
     except BusinessFailure as e:
         # The reason is stored, sent and logged: never with a card number in it.
         reason = redact_text(e.reason)
@@ -177,7 +181,8 @@ def _run(
             return StoredReply("compensation_failed", {"reason": reason})
         return failed(reason)
     finally:
-        HANDLER_SECONDS.labels(service, envelope.type).observe(time.perf_counter() - started)
+        if started is not None:
+            HANDLER_SECONDS.labels(service, envelope.type).observe(time.perf_counter() - started)
     log.info(f"{handler.action}_applied")
     if handler.action == "compensation":
         return StoredReply("compensated", {})

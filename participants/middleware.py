@@ -41,6 +41,12 @@ DEAD_LETTERED = Counter(
     ["participant", "reason"],
 )
 
+REDELIVERED = Counter(
+    "sagabox_participant_redelivered",
+    "Messages RabbitMQ delivered again after an earlier delivery was never acked",
+    ["participant"],
+)
+
 CONTEXT_KEYS = (
     "service",
     "correlation_id",
@@ -106,6 +112,10 @@ class ParticipantMiddleware(Middleware):
             DEAD_LETTERED.labels(binding.participant.name, "rejected").inc()
             raise Rejected(str(e)) from e
         bind_contextvars(**log_context(binding.participant.name, envelope))
+        if getattr(message, "redelivered", False):
+            # A delivery RabbitMQ made before was never acked: the inbox decides.
+            log.info("message_redelivered")
+            REDELIVERED.labels(binding.participant.name).inc()
 
     def after_process_message(
         self,

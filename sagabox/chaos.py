@@ -12,14 +12,17 @@ every outbox to drain, and judges it like the demo does
 (``participants.examples.checks.check``, contiguous histories, empty outboxes).
 
 The verdict is PASS, FAIL (an invariant broke) or INVALID: a run in which some kind
-of fault never fired while sagas were in flight proved nothing about that kind, so it
-cannot pass. The seed fixes the orders, the faults and their times; the processes'
-own timing still varies, so a seed replays the run's plan, not its every interleaving.
+of fault never fired while sagas were in flight proved nothing about that kind, and a
+run in which no inbox absorbed a duplicate or RabbitMQ never redelivered a message
+never tested the machinery that makes effects happen once; neither can pass. The seed
+fixes the orders, the faults and their times; the processes' own timing still varies,
+so a seed replays the run's plan, not its every interleaving.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -87,6 +90,7 @@ class Report:
     faults: Counter[str] = field(default_factory=Counter)
     in_flight: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
+    redeliveries: int = 0
     ignored_replies: int = 0
     violations: list[str] = field(default_factory=list)
     drain_seconds: float | None = None
@@ -96,10 +100,16 @@ class Report:
         return [kind for kind in FAULT_KINDS if not self.in_flight[kind]]
 
     @property
+    def never_seen(self) -> list[str]:
+        """The "sometimes" events the run must show to be worth anything."""
+        seen = {"duplicates absorbed": self.duplicates, "redeliveries": self.redeliveries}
+        return [name for name, n in seen.items() if not n]
+
+    @property
     def verdict(self) -> str:
         if self.violations:
             return "FAIL"
-        return "INVALID" if self.never_fired else "PASS"
+        return "INVALID" if self.never_fired or self.never_seen else "PASS"
 
     def lines(self, config: ChaosConfig) -> list[str]:
         drain = "did not drain" if self.drain_seconds is None else f"{self.drain_seconds:.1f} s"
@@ -114,6 +124,7 @@ class Report:
                 for kind in FAULT_KINDS
             ),
             ("duplicates absorbed", str(self.duplicates)),
+            ("redeliveries", str(self.redeliveries)),
             ("late replies ignored", str(self.ignored_replies)),
             ("invariant violations", str(len(self.violations))),
             ("time to drain", drain),
@@ -125,6 +136,8 @@ class Report:
         out += [f"  violation: {v}" for v in self.violations]
         if self.never_fired:
             out.append(f"  never fired with sagas in flight: {', '.join(self.never_fired)}")
+        if self.never_seen:
+            out.append(f"  never happened: {', '.join(self.never_seen)}")
         out.append(f"  verdict: {self.verdict}")
         return out
 
@@ -353,6 +366,7 @@ class Chaos:
                 report.violations.append(f"{name}: {rows_left} outbox rows never published")
         text = "\n".join(p.read_text(errors="replace") for p in self.log_dir.glob("*.log"))
         report.duplicates = len(re.findall(r"inbox_duplicate_skipped", text))
+        report.redeliveries = _redeliveries(text)
         report.ignored_replies = len(re.findall(r"reply_ignored", text))
 
     def drop(self) -> None:
@@ -413,3 +427,18 @@ def _outbox_rows(engine: Engine) -> int:
 def _history_gaps(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return orchestrator_store.history_gaps(conn)
+
+
+def _redeliveries(text: str) -> int:
+    """Deliveries RabbitMQ made again, from the participants' and orchestrators' logs."""
+    total = 0
+    for line in text.splitlines():
+        if "_redelivered" not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("event") == "message_redelivered":
+                total += 1
+            elif entry.get("event") == "replies_redelivered":
+                total += int(entry.get("count", 0))
+    return total

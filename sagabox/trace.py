@@ -6,12 +6,15 @@ Sources, merged into one timeline sorted by time:
   of the commands each one emitted);
 - outbox rows still pending (written, not yet published) in every database;
 - the participants' inbox records (received_at, status, the stored reply);
-- the JSON log lines whose ``correlation_id`` is the saga's id.
+- the JSON log lines whose ``correlation_id`` is the saga's id, and the relay's
+  ``outbox_batch_published`` lines whose ``correlation_ids`` list it (one timeline
+  entry per message of the saga in the batch).
 
 From those it works out, for each command or compensation sent, where the time went:
-written (history) -> published (relay log ``outbox_published``, logged at debug) ->
-received (inbox row or first participant log line) -> handled (participant log) ->
-reply applied (orchestrator log, else the step's next history row).
+written (history) -> published (the relay's batch line, or its per-message debug
+line ``outbox_published``) -> received (inbox row or first participant log line) ->
+handled (participant log) -> reply applied (orchestrator log, else the step's next
+history row).
 
 Reading is done by sagabox.store (SQL) and ``read_logs``; everything else here
 is pure.
@@ -22,8 +25,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,8 @@ HANDLED_EVENTS = frozenset(
     }
 )
 REPLY_EVENTS = frozenset({"saga_transitioned", "reply_ignored"})
+PUBLISHED_EVENT = "outbox_published"  # one message; the relay logs it at debug
+BATCH_EVENT = "outbox_batch_published"  # a confirmed batch, at info
 NON_PARTICIPANTS = frozenset({"orchestrator", "relay", "sagabox"})
 
 
@@ -82,6 +87,7 @@ class Hop:
     type: str | None = None
     attempt: int | None = None
     published: datetime | None = None
+    published_by: str | None = None
     received: datetime | None = None
     handled: datetime | None = None
     replied: datetime | None = None
@@ -115,6 +121,15 @@ def log_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise TraceError(f"no such log file or folder: {path}")
 
 
+def is_saga_line(record: Mapping[str, Any], correlation_id: str) -> bool:
+    """True for a line of the saga: its ``correlation_id``, or a relay batch line
+    whose ``correlation_ids`` list it."""
+    if record.get("correlation_id") == correlation_id:
+        return True
+    listed = record.get("correlation_ids")
+    return isinstance(listed, list) and correlation_id in listed
+
+
 def read_logs(paths: Iterable[str | Path], correlation_id: str) -> list[dict[str, Any]]:
     """The JSON log lines of ``correlation_id`` in ``paths`` (other lines are skipped)."""
     found: list[dict[str, Any]] = []
@@ -127,7 +142,7 @@ def read_logs(paths: Iterable[str | Path], correlation_id: str) -> list[dict[str
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict) and record.get("correlation_id") == correlation_id:
+                if isinstance(record, dict) and is_saga_line(record, correlation_id):
                     found.append(record)
     return found
 
@@ -207,13 +222,81 @@ def inbox_entries(database: str, rows: Sequence[Mapping[str, Any]]) -> list[Entr
     return entries
 
 
-def log_entries(records: Sequence[Mapping[str, Any]]) -> list[Entry]:
+def relay_name(record: Mapping[str, Any]) -> str:
+    """Which relay wrote a line: its service, pid and, when logged, host."""
+    name = f"{record.get('service', 'relay')} pid {record.get('pid', '?')}"
+    return f"{name} on {record['host']}" if record.get("host") else name
+
+
+def published_records(record: Mapping[str, Any], correlation_id: str) -> Iterator[dict[str, Any]]:
+    """A relay batch line as one ``outbox_published`` record per message of the saga.
+
+    The other sagas' ids are left out: they are none of this trace's business, and
+    a batch holds up to hundreds of them.
+    """
+    message_ids, correlation_ids = record.get("message_ids"), record.get("correlation_ids")
+    if not isinstance(message_ids, list) or not isinstance(correlation_ids, list):
+        return
+    common = {k: v for k, v in record.items() if k not in ("message_ids", "correlation_ids")}
+    common |= {"event": PUBLISHED_EVENT, "batch_event": BATCH_EVENT}
+    common |= {"correlation_id": correlation_id, "published_by": relay_name(record)}
+    for message_id, owner in zip(message_ids, correlation_ids, strict=False):
+        if owner == correlation_id and isinstance(message_id, str):
+            yield {**common, "message_id": message_id}
+
+
+def _per_message(
+    records: Sequence[Mapping[str, Any]], correlation_id: str | None
+) -> list[Mapping[str, Any]]:
+    """Batch lines split per message of the saga; a debug ``outbox_published`` line
+    saying the same as a batch line is dropped."""
+    split: list[Mapping[str, Any]] = []
+    for record in records:
+        if record.get("event") == BATCH_EVENT and correlation_id is not None:
+            split += published_records(record, correlation_id)
+    in_batches = {r["message_id"] for r in split}
+    for record in records:
+        if record.get("event") == BATCH_EVENT:
+            continue
+        if record.get("event") == PUBLISHED_EVENT and record.get("message_id") in in_batches:
+            continue
+        split.append(record)
+    return split
+
+
+def _published_detail(record: Mapping[str, Any]) -> str:
+    batch = f"batch of {record.get('count', '?')} from {record.get('database', '?')}"
+    if record.get("confirm_ms") is not None:
+        batch += f", confirmed in {record['confirm_ms']}ms"
+    return f"published by {record['published_by']}; message_id={record['message_id'][:8]}; {batch}"
+
+
+def _published_entry(logged: datetime, record: Mapping[str, Any]) -> Entry:
+    """One message of a relay batch line, at the time the batch went out: the relay
+    logs the line only once the batch's last confirm is in."""
+    at = logged
+    confirm_ms = record.get("confirm_ms")
+    if isinstance(confirm_ms, int | float) and not isinstance(confirm_ms, bool):
+        at -= timedelta(milliseconds=confirm_ms)
+    where = str(record.get("service", "?"))
+    detail = _published_detail(record)
+    return Entry(at, "log", where, PUBLISHED_EVENT, None, record["message_id"], detail, record)
+
+
+def log_entries(
+    records: Sequence[Mapping[str, Any]], correlation_id: str | None = None
+) -> list[Entry]:
+    """Timeline entries of log lines; relay batch lines give one per message of
+    ``correlation_id`` (none without it)."""
     skip = {"event", "timestamp", "correlation_id", "service", "pid", "level", "step", "saga"}
     skip |= {"version"}
     entries = []
-    for record in records:
+    for record in _per_message(records, correlation_id):
         at = _time(record.get("timestamp"))
         if at is None:
+            continue
+        if record.get("batch_event") == BATCH_EVENT:
+            entries.append(_published_entry(at, record))
             continue
         extra = " ".join(
             f"{k}={str(v)[:8] if k.endswith('_id') and v else v}"
@@ -266,8 +349,10 @@ def _learn(hop: Hop, entry: Entry) -> None:
         hop.type = hop.type or data.get("type")
         if isinstance(data.get("attempt"), int):
             hop.attempt = hop.attempt or data["attempt"]
-        if entry.what == "outbox_published":
-            hop.published = hop.published or entry.at
+        if entry.what == PUBLISHED_EVENT:
+            if hop.published is None:
+                hop.published = entry.at
+                hop.published_by = str(data.get("published_by") or relay_name(data))
         elif entry.where not in NON_PARTICIPANTS:
             hop.received = min(filter(None, (hop.received, entry.at)))
             if entry.what in HANDLED_EVENTS and hop.handled is None:
@@ -298,11 +383,23 @@ def build(
         entries += history_entries(db.database, db.history)
         entries += outbox_entries(db.database, db.outbox)
         entries += inbox_entries(db.database, db.inbox)
-    entries += log_entries(records)
+    entries += log_entries(records, correlation_id)
     if saga is None and not entries:
         raise TraceError(f"no database or log knows saga {correlation_id}")
     entries.sort(key=lambda e: e.at)
+    entries = _with_steps(entries)
     return Trace(correlation_id, saga, entries, hops(entries))
+
+
+def _with_steps(entries: list[Entry]) -> list[Entry]:
+    """The relay's lines know no step: name it from another line of the same message."""
+    steps = {e.message_id: e.step for e in entries if e.message_id and e.step}
+    return [
+        replace(e, step=steps.get(e.message_id or ""))
+        if e.what == PUBLISHED_EVENT and not e.step
+        else e
+        for e in entries
+    ]
 
 
 def collect(correlation_id: str, database_urls: Sequence[str], logs: Sequence[str]) -> Trace:

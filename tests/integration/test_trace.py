@@ -26,6 +26,56 @@ def trace(
     return code, out, err
 
 
+def assert_published_by_the_relay(document: dict[str, Any], text: str) -> None:
+    """Every step and compensation of the saga, each published by the relay, as the
+    relay's batch lines say at INFO (every process runs at the default level)."""
+    hops = document["hops"]
+    assert [(h["step"], h["kind"]) for h in hops] == [
+        ("authorize", "command"),
+        ("risk", "command"),
+        ("authorize", "compensation"),
+    ]
+    assert [h["outcome"] for h in hops] == [
+        "step_succeeded",
+        "step_failed",
+        "compensation_succeeded",
+    ]
+    for hop in hops:
+        assert hop["published"] is not None, hop
+        assert hop["published_by"].startswith("relay pid "), hop
+        written, published, replied = (
+            datetime.fromisoformat(hop[k]) for k in ("written", "published", "replied")
+        )
+        assert written <= published <= replied, hop
+    lines = [e for e in document["timeline"] if e["what"] == "outbox_published"]
+    # The participant's replies go through its outbox and the relay too.
+    assert {h["message_id"] for h in hops} < {e["message_id"] for e in lines}
+    assert len(lines) == 2 * len(hops)
+    assert {(e["source"], e["where"], e["data"]["level"]) for e in lines} == {
+        ("log", "relay", "info")
+    }
+    published_lines = [line for line in text.splitlines() if "published by relay pid " in line]
+    for hop in hops:
+        assert any(f"message_id={hop['message_id'][:8]}" in line for line in published_lines)
+
+
+def assert_every_process_logged(folder: Path, correlation_id: str) -> None:
+    """The orchestrator's, the relay's and the participant's log files each hold a line
+    of the saga: the relay's in a batch line's ``correlation_ids``."""
+    for process in ("orchestrator", "relay", "payment"):
+        lines = [json.loads(line) for line in (folder / f"{process}.log").read_text().splitlines()]
+        assert lines and all(line["level"] != "debug" for line in lines), process
+        ours = [
+            line
+            for line in lines
+            if line.get("correlation_id") == correlation_id
+            or correlation_id in (line.get("correlation_ids") or [])
+        ]
+        assert ours, f"no line of saga {correlation_id} in {process}.log"
+        if process == "relay":
+            assert {line["event"] for line in ours} == {"outbox_batch_published"}
+
+
 def test_trace_merges_history_outbox_inbox_and_logs(
     template_db: str,
     amqp_url: str,
@@ -50,6 +100,9 @@ def test_trace_merges_history_outbox_inbox_and_logs(
         code, out, _ = trace(capsys, urls, risky, "--logs", logs)
         assert code == 0
         compensated_text = out
+        code, out, _ = trace(capsys, urls, risky, "--logs", logs, "--json")
+        assert code == 0
+        compensated: dict[str, Any] = json.loads(out)
         code, out, _ = trace(capsys, urls, stuck, "--json")
         assert code == 0
         pending: dict[str, Any] = json.loads(out)
@@ -81,6 +134,8 @@ def test_trace_merges_history_outbox_inbox_and_logs(
     assert "void_authorization" in compensated_text or "compensation" in compensated_text
     assert "where time went" in compensated_text
     assert "compensated" in compensated_text.splitlines()[0]
+    assert_published_by_the_relay(compensated, compensated_text)
+    assert_every_process_logged(system.file_log_dir, risky)
 
     # Written but never published (the relay is down): the pending outbox row shows.
     assert pending["saga"]["status"] == "running"

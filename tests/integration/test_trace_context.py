@@ -193,6 +193,7 @@ def test_spans_of_the_orchestrator_and_a_handler_continue_the_callers_trace(
         "saga start order",
         "inventory command reserve_stock",
         "saga reply order.reserve succeeded",
+        "saga.step order.reserve",
     }
     for span in spans.values():
         assert f"{span.context.trace_id:032x}" == TRACE_ID
@@ -203,3 +204,60 @@ def test_spans_of_the_orchestrator_and_a_handler_continue_the_callers_trace(
     handler = spans["inventory command reserve_stock"]
     assert handler.attributes["sagabox.saga_id"] == row.envelope.correlation_id
     assert handler.attributes["sagabox.step"] == "reserve"
+
+
+def _step_spans(otel: Otel) -> list[tuple[str, int, str, str, float, float]]:
+    """(step, attempt, action, outcome, start, end) of each step span, times in seconds."""
+    return [
+        (
+            s.attributes["sagabox.step"],
+            s.attributes["sagabox.attempt"],
+            s.attributes["sagabox.action"],
+            s.attributes["sagabox.outcome"],
+            s.start_time / 1e9,
+            s.end_time / 1e9,
+        )
+        for s in otel.spans()
+        if s.name.startswith("saga.step ")
+    ]
+
+
+def test_each_step_attempt_spans_from_its_command_sent_to_its_reply_applied(
+    otel: Otel, orch: Orchestrator, clock: Clock
+) -> None:
+    otel.exporter.clear()
+    t0 = clock.now
+    saga_id = orch.start("order", DATA, traceparent=TRACEPARENT)
+    clock.now = t0 + 2
+    orch.handle_replies([reply(saga_id, "reserve", "error", reason="timeout")])
+    clock.now = t0 + 7  # the retry is due: the timer sends attempt 2
+    assert orch.fire_timers() == 1
+    clock.now = t0 + 8.5
+    result = {"reservation_id": "r-1"}
+    orch.handle_replies([reply(saga_id, "reserve", "succeeded", 2, result=result)])
+    clock.now = t0 + 9.5
+    orch.handle_replies([reply(saga_id, "charge", "failed", reason="card declined")])
+    clock.now = t0 + 9.75
+    # A late reply to attempt 1 changes nothing and gets no span.
+    orch.handle_replies([reply(saga_id, "reserve", "succeeded", 1, result=result)])
+    orch.handle_replies([reply(saga_id, "reserve", "compensated")])
+    assert orch.get(saga_id).state.status == "compensated"
+
+    expected = [
+        ("reserve", 1, "do", "retrying", t0, t0 + 2),
+        ("reserve", 2, "do", "succeeded", t0 + 7, t0 + 8.5),
+        ("charge", 1, "do", "rejected", t0 + 8.5, t0 + 9.5),
+        ("reserve", 1, "compensate", "compensated", t0 + 9.5, t0 + 9.75),
+    ]
+    found = _step_spans(otel)
+    assert [f[:4] for f in found] == [e[:4] for e in expected]
+    for got, want in zip(found, expected, strict=True):
+        assert got[4:] == pytest.approx(want[4:], abs=1e-6), got
+    for span in otel.spans():
+        if span.name.startswith("saga.step "):
+            assert span.name == f"saga.step order.{span.attributes['sagabox.step']}"
+            assert span.attributes["sagabox.saga_id"] == saga_id
+            assert span.attributes["sagabox.saga"] == "order"
+            assert span.attributes["sagabox.version"] == 1
+            assert f"{span.context.trace_id:032x}" == TRACE_ID
+            assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_ID

@@ -146,6 +146,7 @@ import orchestrator.engine, participants.participant
 assert not tracing.enabled()
 with tracing.span("x", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"):
     pass
+tracing.record("z", None, start=1.0, end=2.0, attributes={"a": 1})
 try:
     with tracing.span("y", None):
         raise KeyError("raised through")

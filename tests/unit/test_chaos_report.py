@@ -1,0 +1,46 @@
+"""The chaos verdict: a run that never exercised the inbox or redeliveries is INVALID."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from sagabox.chaos import FAULT_KINDS, ChaosConfig, Report, _redeliveries
+
+
+def fired_everywhere(*, duplicates: int, redeliveries: int) -> Report:
+    every = Counter(dict.fromkeys(FAULT_KINDS, 1))
+    return Report(
+        faults=every, in_flight=every.copy(), duplicates=duplicates, redeliveries=redeliveries
+    )
+
+
+def test_a_run_with_every_fault_duplicates_and_redeliveries_passes() -> None:
+    assert fired_everywhere(duplicates=3, redeliveries=2).verdict == "PASS"
+
+
+def test_a_run_without_a_duplicate_absorbed_is_invalid() -> None:
+    report = fired_everywhere(duplicates=0, redeliveries=2)
+    assert report.verdict == "INVALID"
+    assert "  never happened: duplicates absorbed" in report.lines(ChaosConfig(10, 1, 1))
+
+
+def test_a_run_without_a_redelivery_is_invalid() -> None:
+    assert fired_everywhere(duplicates=1, redeliveries=0).verdict == "INVALID"
+
+
+def test_a_violation_fails_whatever_else_happened() -> None:
+    report = fired_everywhere(duplicates=0, redeliveries=0)
+    report.violations.append("money not conserved")
+    assert report.verdict == "FAIL"
+
+
+def test_redeliveries_are_counted_from_participant_and_orchestrator_lines() -> None:
+    lines = [
+        {"event": "message_redelivered", "service": "payment"},
+        {"event": "message_redelivered", "service": "inventory"},
+        {"count": 5, "event": "replies_redelivered"},
+        {"event": "replies_applied", "count": 100},
+    ]
+    text = "\n".join([*(json.dumps(x) for x in lines), "not json _redelivered"])
+    assert _redeliveries(text) == 7
