@@ -76,6 +76,9 @@ class ChaosConfig:
     replicas: Replicas = field(default_factory=lambda: Replicas(2, 2, 2))
     threads: int = 2
     fault_interval: float = 2.5  # mean seconds between faults
+    # Each pass through a commit-then-ack gap kills its process with this chance, so
+    # that duplicates certainly reach the inboxes (a random SIGKILL rarely lands there).
+    crash_probability: float = 0.01
     drain_timeout: float = 120.0
     admin_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     amqp_host: str = "127.0.0.1:5672"
@@ -195,6 +198,7 @@ class Chaos:
             amqp_url=self.amqp_url,
             replicas=self.config.replicas,
             threads=self.config.threads,
+            env=crash_env(self.config),
         )
         setup(up_config, SEED)
         engines: dict[str, Engine] = {n: make_engine(u, pool_size=2) for n, u in self.urls.items()}
@@ -442,3 +446,19 @@ def _redeliveries(text: str) -> int:
             elif entry.get("event") == "replies_redelivered":
                 total += int(entry.get("count", 0))
     return total
+
+
+# The gaps where a crash makes a message arrive twice: after the commit, before the ack.
+CRASH_POINTS = (
+    "orchestrator.after_commit_before_ack",
+    "relay.after_confirm_before_mark",
+    "participant.after_commit_before_ack",
+)
+
+
+def crash_env(config: ChaosConfig) -> dict[str, str]:
+    """The failpoint settings that make processes die in those gaps now and then."""
+    if config.crash_probability <= 0:
+        return {}
+    armed = ",".join(f"{name}=exit@{config.crash_probability:g}" for name in CRASH_POINTS)
+    return {"SAGABOX_FAILPOINTS": armed, "SAGABOX_FAILPOINTS_SEED": str(config.seed)}

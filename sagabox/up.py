@@ -92,6 +92,8 @@ class UpConfig:
     replicas: Replicas = field(default_factory=Replicas)
     sagas: str = DEFAULT_SAGAS
     threads: int = 4
+    # More environment for every process (chaos runs arm failpoints this way).
+    env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def database_urls(self) -> list[str]:
@@ -149,7 +151,7 @@ def sibling_url(url: str, service: str) -> str:
 
 def specs(config: UpConfig) -> list[ProcessSpec]:
     """One ProcessSpec per process: orchestrator-1.., relay-1.., <service>-1.."""
-    common = {"SAGABOX_AMQP_URL": config.amqp_url}
+    common = {**config.env, "SAGABOX_AMQP_URL": config.amqp_url}
     out: list[ProcessSpec] = []
     for i in range(1, config.replicas.orchestrator + 1):
         env = {

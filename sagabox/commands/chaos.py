@@ -34,6 +34,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--fault-interval", type=float, default=2.5, help="mean seconds between faults"
     )
+    parser.add_argument(
+        "--crash-probability",
+        type=float,
+        default=0.01,
+        help="chance that a process dies between its commit and its ack (failpoints)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -46,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         seed=seed,
         replicas=Replicas.parse(args.replicas),
         fault_interval=max(0.1, args.fault_interval),
+        crash_probability=min(max(0.0, args.crash_probability), 1.0),
         admin_url=env.str("DEMO_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         amqp_host=env.str("DEMO_AMQP_HOST", "127.0.0.1:5672"),
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from sagabox.chaos import FAULT_KINDS, ChaosConfig, Report, _redeliveries
+from outbox_relay.failpoints import Failpoints
+from sagabox.chaos import CRASH_POINTS, FAULT_KINDS, ChaosConfig, Report, _redeliveries, crash_env
 
 
 def fired_everywhere(*, duplicates: int, redeliveries: int) -> Report:
@@ -44,3 +45,11 @@ def test_redeliveries_are_counted_from_participant_and_orchestrator_lines() -> N
     ]
     text = "\n".join([*(json.dumps(x) for x in lines), "not json _redelivered"])
     assert _redeliveries(text) == 7
+
+
+def test_chaos_arms_the_commit_then_ack_gaps_with_its_seed() -> None:
+    env = crash_env(ChaosConfig(10, 1, seed=7, crash_probability=0.02))
+    armed = Failpoints.parse(env["SAGABOX_FAILPOINTS"], seed=int(env["SAGABOX_FAILPOINTS_SEED"]))
+    assert dict(armed.actions) == dict.fromkeys(CRASH_POINTS, "exit")
+    assert set(armed.probabilities.values()) == {0.02}
+    assert crash_env(ChaosConfig(10, 1, seed=7, crash_probability=0)) == {}
