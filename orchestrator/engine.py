@@ -470,9 +470,8 @@ class Orchestrator:
         history_rows: Sequence[dict[str, Any]],
         messages: Sequence[OutgoingMessage],
     ) -> None:
-        # States and history in one statement, the outbox rows in a second.
-        store.save_transitions(
-            conn,
+        # States, history and outbox rows in one round trip.
+        along = store.transitions(
             [
                 {
                     "id": saga_id,
@@ -485,7 +484,7 @@ class Orchestrator:
             ],
             history_rows,
         )
-        self.outbox.write(conn, messages)
+        self.outbox.write(conn, messages, along=along)
 
     def _outgoing(
         self,

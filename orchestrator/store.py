@@ -16,6 +16,7 @@ from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.engine import Connection
 
 from orchestrator.tables import history, reply_inbox, saga
+from outbox_relay.table import Along
 
 
 def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
@@ -143,9 +144,6 @@ SELECT * FROM unnest(
     %(h_from_statuses)b::text[], %(h_to_statuses)b::text[], %(h_reasons)b::text[],
     %(h_event_datas)b::jsonb[], %(h_emitteds)b::jsonb[], %(h_actors)b::text[]
 )"""
-
-# A batch's new states and history rows in one round trip.
-SAVE_TRANSITIONS = f"WITH updated AS ({UPDATE_SAGAS}\n){INSERT_HISTORY}"
 
 # ORDER BY: rows are inserted in the order selected, so two transactions inserting
 # overlapping ids wait on each other in the same order instead of deadlocking.
@@ -280,19 +278,20 @@ def insert_history(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         conn.exec_driver_sql(INSERT_HISTORY, _history_params(rows))
 
 
-def save_transitions(
-    conn: Connection,
-    changes: Sequence[Mapping[str, Any]],
-    rows: Sequence[Mapping[str, Any]],
-) -> None:
-    """update_sagas(changes) and insert_history(rows), in one statement when both have rows."""
-    if changes and rows:
-        params = _update_params(changes)
+def transitions(
+    changes: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+) -> Along | None:
+    """update_sagas(changes) and insert_history(rows) as statements to run along the
+    outbox insert (outbox_relay.table.OutboxWriter.write): one round trip for all three."""
+    statements: list[str] = []
+    params: dict[str, Any] = {}
+    if changes:
+        statements.append(UPDATE_SAGAS)
+        params.update(_update_params(changes))
+    if rows:
+        statements.append(INSERT_HISTORY)
         params.update(_history_params(rows))
-        conn.exec_driver_sql(SAVE_TRANSITIONS, params)
-    else:
-        update_sagas(conn, changes)
-        insert_history(conn, rows)
+    return Along(tuple(statements), params) if statements else None
 
 
 def _update_params(changes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -91,12 +91,13 @@ class OutboxWriter:
     ) -> None:
         """Insert ``messages`` (and NOTIFY, when due) in one statement.
 
-        ``along`` is a data-modifying statement of the caller's to run in the same
-        round trip (a CTE of the insert), such as the participant's inbox update.
+        ``along`` holds data-modifying statements of the caller's to run in the same
+        round trip (CTEs of the insert), such as the participant's inbox update or the
+        orchestrator's new saga states and history rows.
         """
         if not messages:
             if along is not None:
-                conn.exec_driver_sql(along.sql, dict(along.params))
+                conn.exec_driver_sql(along.alone(), dict(along.params))
             return
         params: dict[str, Any]
         if len(messages) == 1:
@@ -122,7 +123,7 @@ class OutboxWriter:
             }
         ctes = []
         if along is not None:
-            ctes.append(f"along AS ({along.sql})")
+            ctes += along.ctes()
             params.update(along.params)
         now = self.clock()
         notify = now - self._last_notify >= self.notify_interval
@@ -138,14 +139,26 @@ class OutboxWriter:
 
 @dataclass(frozen=True, slots=True)
 class Along:
-    """A statement (``%(name)s`` parameters) to run in the outbox insert's round trip."""
+    """Data-modifying statements (``%(name)s`` parameters, none named like the outbox
+    insert's) to run in the outbox insert's round trip, as CTEs."""
 
-    sql: str
+    statements: tuple[str, ...]
     params: Mapping[str, Any]
+
+    def ctes(self) -> list[str]:
+        return [f"along{i} AS ({sql})" for i, sql in enumerate(self.statements)]
+
+    def alone(self) -> str:
+        """The statements as one, when there is no row to insert."""
+        *first, last = self.statements
+        if not first:
+            return last
+        return f"WITH {', '.join(self.ctes()[:-1])} {last}"
 
 
 # Static SQL through exec_driver_sql: building a Core statement per call cost ~3x the
-# CPU of executing it. WITH ORDINALITY keeps the ids in the order given, which the relay
+# CPU of executing it. Arrays go in binary (%()b): psycopg escapes text arrays element
+# by element in Python. WITH ORDINALITY keeps the ids in the order given, which the relay
 # follows per correlation id.
 _COLUMNS = "(message_id, correlation_id, exchange, destination, body, headers)"
 # One row (a participant's reply): scalars, cheaper to adapt than arrays.
@@ -156,8 +169,8 @@ _INSERT_ONE = (
 _INSERT_MANY = (
     f"INSERT INTO {SCHEMA}.outbox "
     f"{_COLUMNS} SELECT m, c, e, d, b, h FROM unnest("
-    "%(message_ids)s::uuid[], %(correlation_ids)s::uuid[], %(exchanges)s::text[], "
-    "%(destinations)s::text[], %(bodies)s::text[], %(headers)s::jsonb[]"
+    "%(message_ids)b::uuid[], %(correlation_ids)b::uuid[], %(exchanges)b::text[], "
+    "%(destinations)b::text[], %(bodies)b::text[], %(headers)b::jsonb[]"
     ") WITH ORDINALITY AS t(m, c, e, d, b, h, n) ORDER BY n"
 )
 

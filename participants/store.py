@@ -85,7 +85,7 @@ class PostgresInbox:
         if record is not None:
             key, stored = record
             along = Along(
-                _RECORD,
+                (_RECORD,),
                 {
                     **{f"r_{k}": v for k, v in _key_params(key).items()},
                     "r_type": stored.type,

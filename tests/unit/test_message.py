@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -97,3 +98,24 @@ def test_non_finite_numbers_are_refused(constant: str) -> None:
     )
     with pytest.raises(MessageError, match="not valid JSON"):
         decode(body)
+
+
+def test_to_dict_names_every_field_of_the_envelope() -> None:
+    # to_dict is spelled out for speed: a field added to Envelope must be added there.
+    envelope = Envelope(
+        message_id=str(uuid.uuid4()),
+        correlation_id=str(uuid.uuid4()),
+        causation_id=str(uuid.uuid4()),
+        saga="s",
+        version=2,
+        step="st",
+        attempt=3,
+        kind="command",
+        type="t",
+        payload={"nested": {"a": [1, 2]}},
+        reply_to="q",
+        sent_at=1.5,
+        traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+    )
+    assert envelope.to_dict() == dataclasses.asdict(envelope)
+    assert "traceparent" not in dataclasses.replace(envelope, traceparent=None).to_dict()
