@@ -12,7 +12,9 @@ anywhere before the commit leaves it to be published again (same message id).
 Wake-ups: a LISTEN connection per database turns the writers' NOTIFYs into
 claims; while rows were seen in the last ``active_window`` seconds the
 dispatcher also polls every ``active_poll_interval`` (writers debounce their
-NOTIFYs), otherwise every ``idle_poll_interval``.
+NOTIFYs), doubling the interval after each empty claim up to
+``active_poll_max_interval`` (no more than the writers' debounce, 50 ms), otherwise
+every ``idle_poll_interval``.
 
 Exceptions: pika and psycopg errors inside the loop are retried with backoff
 (and logged as ``relay_reconnecting``); those that escape become RelayError.
@@ -86,6 +88,7 @@ class RelayConfig:
     batch_size: int = 500
     pipeline_depth: int = 2
     active_poll_interval: float = 0.01
+    active_poll_max_interval: float = 0.05
     idle_poll_interval: float = 1.0
     active_window: float = 1.0
     confirm_timeout: float = 30.0
@@ -104,6 +107,15 @@ class RelayConfig:
         return float(
             min(self.reconnect_backoff * 2 ** max(attempt - 1, 0), self.reconnect_backoff_max)
         )
+
+
+def poll_interval(config: RelayConfig, since_rows: float, empty_claims: int) -> float:
+    """How long to wait for a NOTIFY before claiming again, after a drained claim."""
+    if since_rows >= config.active_window:
+        return config.idle_poll_interval
+    # A database that keeps answering "nothing" is polled less and less often.
+    backoff = config.active_poll_interval * float(2 ** min(empty_claims, 10))
+    return min(backoff, config.active_poll_max_interval)
 
 
 def describe_database(url: str) -> str:
@@ -151,6 +163,7 @@ class DatabaseRelay:
         self._counters = counters
         self._wake = asyncio.Event()
         self._last_rows = float("-inf")
+        self._empty_claims = 0  # in a row: each one doubles the active poll interval
         self._idle: list[AsyncConn] = []
         self._slots = asyncio.Semaphore(config.pipeline_depth)
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -205,10 +218,12 @@ class DatabaseRelay:
                     await conn.commit()
                     self._idle.append(conn)
                     self._slots.release()
+                    self._empty_claims += 1
                     await self._idle_wait(loop.time())
                     attempt = 0
                     continue
                 self._last_rows = loop.time()
+                self._empty_claims = 0
                 confirms = await self._publish(channel, rows)
                 task = asyncio.create_task(self._finish(conn, rows, confirms))
                 self._in_flight.add(task)
@@ -238,8 +253,7 @@ class DatabaseRelay:
                 await wait_event(self._stopping, delay)
 
     async def _idle_wait(self, now: float) -> None:
-        active = now - self._last_rows < self._config.active_window
-        timeout = self._config.active_poll_interval if active else self._config.idle_poll_interval
+        timeout = poll_interval(self._config, now - self._last_rows, self._empty_claims)
         if not self._wake.is_set():
             await wait_event(self._wake, timeout)
 

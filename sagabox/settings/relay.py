@@ -25,6 +25,7 @@ class RelaySettings:
     batch_size: int = 500
     pipeline_depth: int = 2
     active_poll_interval: float = 0.01
+    active_poll_max_interval: float = 0.05
     idle_poll_interval: float = 1.0
     confirm_timeout: float = 30.0
     retry_backoff: float = 1.0
@@ -50,6 +51,9 @@ class RelaySettings:
             batch_size=env.int("RELAY_BATCH_SIZE", 500, minimum=1),
             pipeline_depth=env.int("RELAY_PIPELINE_DEPTH", 2, minimum=1),
             active_poll_interval=env.float("RELAY_ACTIVE_POLL_INTERVAL", 0.01, minimum=0.001),
+            active_poll_max_interval=env.float(
+                "RELAY_ACTIVE_POLL_MAX_INTERVAL", 0.05, minimum=0.001
+            ),
             idle_poll_interval=env.float("RELAY_IDLE_POLL_INTERVAL", 1.0, minimum=0.01),
             confirm_timeout=env.float("RELAY_CONFIRM_TIMEOUT", 30.0, minimum=0.1),
             retry_backoff=env.float("RELAY_RETRY_BACKOFF", 1.0),
@@ -74,6 +78,7 @@ class RelaySettings:
             batch_size=self.batch_size,
             pipeline_depth=self.pipeline_depth,
             active_poll_interval=self.active_poll_interval,
+            active_poll_max_interval=max(self.active_poll_max_interval, self.active_poll_interval),
             idle_poll_interval=self.idle_poll_interval,
             confirm_timeout=self.confirm_timeout,
             retry_backoff=self.retry_backoff,

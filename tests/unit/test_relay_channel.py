@@ -10,7 +10,7 @@ import pytest
 from pika.spec import Basic, BasicProperties
 
 from outbox_relay.broker import BrokerUnavailable, ConfirmingChannel, Confirms
-from outbox_relay.relay import Relay, RelayConfig
+from outbox_relay.relay import Relay, RelayConfig, poll_interval
 from outbox_relay.store import OutboxRow
 from outbox_relay.topology import Topology
 
@@ -141,3 +141,11 @@ def test_an_abandoned_channel_fails_its_batches_and_refuses_more() -> None:
         assert channel.closed is not None
 
     run(scenario())
+
+
+def test_the_active_poll_backs_off_on_empty_claims_up_to_the_writers_debounce() -> None:
+    config = RelayConfig(database_urls=("postgresql://x/db",), amqp_url="amqp://x")
+    waits = [poll_interval(config, 0.2, empty) for empty in range(5)]
+    assert waits == [0.01, 0.02, 0.04, 0.05, 0.05]
+    assert poll_interval(config, 0.2, 10_000) == 0.05
+    assert poll_interval(config, 1.5, 0) == config.idle_poll_interval
