@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    bindparam,
     func,
     select,
     update,
@@ -50,23 +51,49 @@ awards = Table(
 
 loyalty = Participant("loyalty")
 
+# Statements are built once: constructing a statement per message cost more CPU than
+# running it. Placeholders are named b_*, never like a column: an UPDATE takes
+# parameters named like its columns for its SET clause.
+_CREDIT_POINTS = (
+    insert(points)
+    .values(customer=bindparam("b_customer"), balance=bindparam("b_points"))
+    .on_conflict_do_update(
+        index_elements=["customer"], set_={"balance": points.c.balance + bindparam("b_points")}
+    )
+)
+_DEBIT_POINTS = (
+    update(points)
+    .where(points.c.customer == bindparam("b_customer"))
+    .values(balance=points.c.balance - bindparam("b_points"))
+)
+_AWARD = awards.insert()
+_REVOKE = (
+    update(awards)
+    .where(
+        awards.c.saga_id == bindparam("b_saga_id"),
+        awards.c.step == bindparam("b_step"),
+        awards.c.revoked_at.is_(None),
+    )
+    .values(revoked_at=func.now())
+    .returning(awards.c.customer, awards.c.points)
+)
+_BALANCE = select(points.c.balance).where(points.c.customer == bindparam("b_customer"))
+
 
 @loyalty.command("award_points", compensation="revoke_points")
 def award_points(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
     customer, amount = str(payload["customer"]), int(payload["points"])
     if amount <= 0:
         raise BusinessFailure(f"points must be positive, got {amount}")
+    session.execute(_CREDIT_POINTS, {"b_customer": customer, "b_points": amount})
     session.execute(
-        insert(points)
-        .values(customer=customer, balance=amount)
-        .on_conflict_do_update(
-            index_elements=["customer"], set_={"balance": points.c.balance + amount}
-        )
-    )
-    session.execute(
-        awards.insert().values(
-            saga_id=uuid.UUID(ctx.saga_id), step=ctx.step, customer=customer, points=amount
-        )
+        _AWARD,
+        {
+            "saga_id": uuid.UUID(ctx.saga_id),
+            "step": ctx.step,
+            "customer": customer,
+            "points": amount,
+        },
     )
     return {"points": amount}
 
@@ -74,22 +101,11 @@ def award_points(session: Session, payload: Payload, ctx: Context) -> dict[str, 
 @loyalty.compensation("revoke_points")
 def revoke_points(session: Session, payload: Payload, ctx: Context) -> None:
     revoked = session.execute(
-        update(awards)
-        .where(
-            awards.c.saga_id == uuid.UUID(ctx.saga_id),
-            awards.c.step == ctx.step,
-            awards.c.revoked_at.is_(None),
-        )
-        .values(revoked_at=func.now())
-        .returning(awards.c.customer, awards.c.points)
+        _REVOKE, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step}
     ).first()
     if revoked is not None:
-        session.execute(
-            update(points)
-            .where(points.c.customer == revoked.customer)
-            .values(balance=points.c.balance - revoked.points)
-        )
+        session.execute(_DEBIT_POINTS, {"b_customer": revoked.customer, "b_points": revoked.points})
 
 
 def balance(session: Session, customer: str) -> int:
-    return int(session.scalar(select(points.c.balance).where(points.c.customer == customer)) or 0)
+    return int(session.scalar(_BALANCE, {"b_customer": customer}) or 0)
