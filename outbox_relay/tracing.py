@@ -3,7 +3,8 @@
 With the ``otel`` extra installed (opentelemetry-api, and an SDK to export), ``span``
 opens an OpenTelemetry span whose parent is the given traceparent, so a caller's
 trace continues through the saga's steps and the participants' handlers. Without
-it, ``span`` does nothing and opentelemetry is never imported.
+it, ``span`` does nothing and opentelemetry is never imported; with it but no
+TracerProvider set, ``span`` does nothing either.
 
 Exporters, samplers and the TracerProvider are the entry point's business, like
 structlog's configuration: the API without a configured provider records nothing.
@@ -39,9 +40,25 @@ def _opentelemetry() -> tuple[ModuleType, ModuleType] | None:
         return None
 
 
+def _recording() -> tuple[ModuleType, ModuleType] | None:
+    """The modules, when installed and a real TracerProvider is set; else None.
+
+    Without a provider the API hands out no-op spans, which still cost their
+    creation and context switching on every message: skipped altogether.
+    """
+    otel = _opentelemetry()
+    if otel is None:
+        return None
+    trace = otel[0]
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    return otel
+
+
 def enabled() -> bool:
-    """True when opentelemetry is installed, so ``span`` records (given a provider)."""
-    return _opentelemetry() is not None
+    """True when opentelemetry is installed and a TracerProvider is set: spans record."""
+    return _recording() is not None
 
 
 @contextmanager
@@ -56,7 +73,7 @@ def span(
 
     An exception leaving the block is recorded on the span and raised on.
     """
-    otel = _opentelemetry()
+    otel = _recording()
     if otel is None:
         yield
         return
@@ -85,7 +102,7 @@ def record(
     For work no block of code spans, such as a step's round trip through the broker
     and a participant: it starts in one transaction and ends in a later one.
     """
-    otel = _opentelemetry()
+    otel = _recording()
     if otel is None:
         return
     trace, tracecontext = otel
