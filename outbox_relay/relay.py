@@ -10,9 +10,11 @@ commits. A row is therefore deleted only after RabbitMQ confirmed it; a crash
 anywhere before the commit leaves it to be published again (same message id).
 
 Wake-ups: a LISTEN connection per database turns the writers' NOTIFYs into
-claims; while rows were seen in the last ``active_window`` seconds the
-dispatcher also polls every ``active_poll_interval`` (writers debounce their
-NOTIFYs), doubling the interval after each empty claim up to
+claims after an empty claim. A claim that found rows (and drained the table) is
+followed by the next one ``active_poll_interval`` later, NOTIFYs or not, so that
+under load one claim gathers many writers' rows. While rows were seen in the last
+``active_window`` seconds the dispatcher also polls after empty claims (busy writers
+debounce their NOTIFYs), doubling the interval after each empty claim up to
 ``active_poll_max_interval`` (no more than the writers' debounce, 50 ms), otherwise
 every ``idle_poll_interval``.
 
@@ -230,9 +232,10 @@ class DatabaseRelay:
                 task.add_done_callback(self._in_flight.discard)
                 attempt = 0
                 if len(rows) < self._config.batch_size:
-                    # The claim drained the table: claiming again at once would
-                    # mostly find nothing. A NOTIFY or the next poll brings new rows.
-                    await self._idle_wait(self._last_rows)
+                    # The claim drained the table. Claim again one poll interval later
+                    # whatever NOTIFYs come meanwhile: under load that gathers the rows
+                    # of many writers into one batch, one claim and one delete.
+                    await wait_event(self._stopping, self._config.active_poll_interval)
             except (psycopg.Error, RelayError, OSError) as e:
                 self._slots.release()
                 if conn is not None:

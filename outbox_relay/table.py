@@ -72,15 +72,19 @@ class OutboxWriter:
     """Adds rows to the outbox inside the caller's transaction and wakes the relays.
 
     NOTIFY takes a database-wide lock from the notifying commit until it ends, which
-    serialises every committing transaction that notifies. So a writer notifies at
-    most once per ``notify_interval`` seconds; a relay that was woken keeps polling
-    at that interval while it sees traffic, so a row written without a NOTIFY waits
-    at most about one interval (docs/architecture.md).
+    serialises every committing transaction that notifies. So a busy writer notifies
+    at most once per ``notify_interval`` seconds; a relay that was woken keeps polling
+    while it sees traffic, so a row written without a NOTIFY waits at most about one
+    interval (docs/architecture.md). A writer that wrote nothing for ``quiet_gap``
+    seconds notifies anyway: at low load each row then wakes the relay at once, which
+    is what keeps a saga's hops fast when nothing is queued behind them.
     """
 
     notify_interval: float = 0.05
+    quiet_gap: float = 0.005
     clock: Callable[[], float] = field(default=time.monotonic)
     _last_notify: float = field(default=float("-inf"), init=False)
+    _last_write: float = field(default=float("-inf"), init=False)
 
     def write(
         self,
@@ -126,7 +130,11 @@ class OutboxWriter:
             ctes += along.ctes()
             params.update(along.params)
         now = self.clock()
-        notify = now - self._last_notify >= self.notify_interval
+        notify = (
+            now - self._last_notify >= self.notify_interval
+            or now - self._last_write >= self.quiet_gap
+        )
+        self._last_write = now
         if notify:
             ctes.append(f"written AS ({insert})")
             sql = f"WITH {', '.join(ctes)} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
