@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
+
 from sagabox.benchmarks.result import SystemResult
 from sagabox.benchmarks.run import Report
 
@@ -138,3 +141,46 @@ def _ratios(report: Report) -> list[str]:
 def _cpu_per_saga(s: SystemResult) -> float:
     cpu = s.main.cpu_seconds
     return s.main.per_saga(cpu.get("postgres", 0.0) + cpu.get("rabbitmq", 0.0) + own_cpu(s))
+
+
+def render_rounds(rounds: Sequence[Report]) -> str:
+    """Each round's closed-loop sagas/s and CPU per saga, and the median ratio.
+
+    One run's ratio moves with whatever else the machine does; rounds that alternate
+    sagabox and its peers, and the median of their ratios, move much less.
+    """
+    names = [s.name for s in rounds[0].systems if s.name != "sagabox+preload"]
+    header = "".join(f"{n:>16}" for n in names)
+    lines = [
+        "",
+        f"{len(rounds)} rounds, alternating (sagas/s, then CPU ms per saga):",
+        f"  {'round':<7}{header}{'ratio':>10}",
+    ]
+    ratios: list[float] = []
+    for i, report in enumerate(rounds, 1):
+        by_name = {s.name: s for s in report.systems}
+        cells = "".join(
+            f"{by_name[n].main.run.rate:>8.1f}{1000 * _cpu_per_saga(by_name[n]):>8.1f}"
+            if n in by_name
+            else f"{'-':>16}"
+            for n in names
+        )
+        ratio = _ratio(report)
+        if ratio is not None:
+            ratios.append(ratio)
+        shown = f"{ratio:>9.2f}x" if ratio is not None else f"{'-':>10}"
+        lines.append(f"  {i:<7}{cells}{shown}")
+    if ratios:
+        lines.append(
+            f"sagabox / fastest peer, median of {len(ratios)} rounds: "
+            f"{statistics.median(ratios):.2f}x (from {min(ratios):.2f}x to {max(ratios):.2f}x)"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(report: Report) -> float | None:
+    ours = next((s for s in report.systems if s.name == "sagabox"), None)
+    peers = [s for s in report.systems if not s.name.startswith("sagabox")]
+    if ours is None or not peers:
+        return None
+    return ours.main.run.rate / max(s.main.run.rate for s in peers)

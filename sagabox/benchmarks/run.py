@@ -23,6 +23,8 @@ from sagabox.benchmarks.result import SystemResult
 from sagabox.benchmarks.saga import SagaboxBench
 
 PEERS = ("dbos", "temporal", "pgbench", "pika")
+# The peers that run the saga itself (the others measure the machine's limits).
+SAGA_PEERS = ("dbos", "temporal")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ from outbox_relay import bench
 from sagabox import logs
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.plot import plot
-from sagabox.benchmarks.report import render
-from sagabox.benchmarks.run import PEERS, Options
+from sagabox.benchmarks.report import render, render_rounds
+from sagabox.benchmarks.run import PEERS, SAGA_PEERS, Options
 from sagabox.benchmarks.run import run as run_saga
 from sagabox.settings import Env, amqp_url, database_url, libpq_url
 from sagabox.settings.relay import RelaySettings
@@ -108,6 +109,14 @@ def _register_saga(benchmarks: Any) -> None:
         default=0,
         help="growth: run sagabox again on this many preloaded finished sagas (e.g. 1000000)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of the closed loop, alternating sagabox and the saga peers; "
+        "prints each round and the median ratio (sweep, open loop, growth and limits "
+        "run in the first round only)",
+    )
     parser.set_defaults(handler=handle_saga)
 
 
@@ -135,11 +144,24 @@ def handle_saga(args: argparse.Namespace) -> int:
         settle=args.settle,
         preload=args.preload,
     )
-    report = run_saga(options, lambda line: print(f"# {line}", file=sys.stderr, flush=True))
+    report = run_saga(options, _say)
     print(render(report))
+    rounds = [report]
+    again = replace(
+        options, sweep=(), rate=0.0, preload=0, peers=tuple(p for p in peers if p in SAGA_PEERS)
+    )
+    for i in range(2, max(1, args.repeat) + 1):
+        _say(f"round {i} of {args.repeat}")
+        rounds.append(run_saga(again, _say))
+    if len(rounds) > 1:
+        print(render_rounds(rounds))
     if args.json:
         args.json.write_text(json.dumps([s.to_json() for s in report.systems]))
     if args.plot:
         plot(report, args.plot)
         print(f"plot: {args.plot}")
-    return 0 if report.ok else 1
+    return 0 if all(r.ok for r in rounds) else 1
+
+
+def _say(line: str) -> None:
+    print(f"# {line}", file=sys.stderr, flush=True)

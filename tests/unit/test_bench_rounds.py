@@ -1,0 +1,34 @@
+"""``sagabox bench saga --repeat``: each round's figures and the median ratio."""
+
+from __future__ import annotations
+
+from sagabox.benchmarks.drive import Run
+from sagabox.benchmarks.report import render_rounds
+from sagabox.benchmarks.result import Measured, SystemResult
+from sagabox.benchmarks.run import Options, Report
+
+
+def system(name: str, rate: float, cpu_ms: float) -> SystemResult:
+    run = Run(count=100, seconds=100 / rate, latencies_ms=[10.0])
+    return SystemResult(name, "", Measured(run, 0, {name: cpu_ms / 1000 * 100}))
+
+
+def round_of(ours: float, dbos: float, temporal: float) -> Report:
+    return Report(
+        Options(),
+        [system("sagabox", ours, 10), system("dbos", dbos, 20), system("temporal", temporal, 50)],
+    )
+
+
+def test_rounds_show_each_ratio_against_that_rounds_fastest_peer_and_the_median() -> None:
+    text = render_rounds([round_of(90, 60, 10), round_of(60, 50, 12), round_of(100, 50, 9)])
+    lines = text.splitlines()
+    assert lines[1] == "3 rounds, alternating (sagas/s, then CPU ms per saga):"
+    assert lines[3].split() == ["1", "90.0", "10.0", "60.0", "20.0", "10.0", "50.0", "1.50x"]
+    assert lines[4].split()[-1] == "1.20x" and lines[5].split()[-1] == "2.00x"
+    assert lines[-1] == "sagabox / fastest peer, median of 3 rounds: 1.50x (from 1.20x to 2.00x)"
+
+
+def test_a_round_without_peers_has_no_ratio() -> None:
+    text = render_rounds([Report(Options(), [system("sagabox", 80, 10)])] * 2)
+    assert "median" not in text and text.splitlines()[-1].split()[-1] == "-"
