@@ -10,13 +10,13 @@ commits. A row is therefore deleted only after RabbitMQ confirmed it; a crash
 anywhere before the commit leaves it to be published again (same message id).
 
 Wake-ups: a LISTEN connection per database turns the writers' NOTIFYs into
-claims after an empty claim. A claim that found rows (and drained the table) is
-followed by the next one ``active_poll_interval`` later, NOTIFYs or not, so that
-under load one claim gathers many writers' rows. While rows were seen in the last
-``active_window`` seconds the dispatcher also polls after empty claims (busy writers
-debounce their NOTIFYs), doubling the interval after each empty claim up to
-``active_poll_max_interval`` (no more than the writers' debounce, 50 ms), otherwise
-every ``idle_poll_interval``.
+claims after an empty claim or a claim of one row. A claim that found several rows
+(and drained the table) is followed by the next one ``active_poll_interval`` later,
+NOTIFYs or not, so that under load one claim gathers many writers' rows. While rows
+were seen in the last ``active_window`` seconds the dispatcher also polls after empty
+claims (busy writers debounce their NOTIFYs), doubling the interval after each empty
+claim up to ``active_poll_max_interval`` (no more than the writers' debounce, 50 ms),
+otherwise every ``idle_poll_interval``.
 
 Exceptions: pika and psycopg errors inside the loop are retried with backoff
 (and logged as ``relay_reconnecting``); those that escape become RelayError.
@@ -231,10 +231,14 @@ class DatabaseRelay:
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
                 attempt = 0
-                if len(rows) < self._config.batch_size:
-                    # The claim drained the table. Claim again one poll interval later
-                    # whatever NOTIFYs come meanwhile: under load that gathers the rows
-                    # of many writers into one batch, one claim and one delete.
+                if len(rows) == 1:
+                    # One row: rows come one at a time, so the next NOTIFY is the next
+                    # row; claiming on it at once keeps each hop of a saga short.
+                    await self._idle_wait(self._last_rows)
+                elif len(rows) < self._config.batch_size:
+                    # Rows come in bunches: claim again one poll interval later,
+                    # whatever NOTIFYs come meanwhile, so that one batch (one claim,
+                    # one delete) gathers the rows of many writers.
                     await wait_event(self._stopping, self._config.active_poll_interval)
             except (psycopg.Error, RelayError, OSError) as e:
                 self._slots.release()
