@@ -14,6 +14,7 @@ same for JSON whose dramatiq fields have the wrong types.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -75,6 +76,25 @@ def log_context(service: str, envelope: Envelope) -> dict[str, Any]:
     }
 
 
+class _Parsed(threading.local):
+    """The envelope before_process_message parsed, for the actor to take on this thread.
+
+    dramatiq calls the middleware and then the actor on the same worker thread with the
+    same argument objects, so the actor need not parse and validate the envelope again.
+    """
+
+    raw: object = None
+    envelope: Envelope | None = None
+
+    def take(self, raw: object) -> Envelope | None:
+        envelope = self.envelope if raw is self.raw else None
+        self.raw = self.envelope = None
+        return envelope
+
+
+parsed = _Parsed()
+
+
 class Rejected(SkipMessage):
     """Raised by the middleware to dead-letter a message that breaks the contract."""
 
@@ -111,6 +131,7 @@ class ParticipantMiddleware(Middleware):
             message.fail()
             DEAD_LETTERED.labels(binding.participant.name, "rejected").inc()
             raise Rejected(str(e)) from e
+        parsed.raw, parsed.envelope = message.args[0], envelope
         bind_contextvars(**log_context(binding.participant.name, envelope))
         if getattr(message, "redelivered", False):
             # A delivery RabbitMQ made before was never acked: the inbox decides.
@@ -125,6 +146,7 @@ class ParticipantMiddleware(Middleware):
         result: object = None,
         exception: BaseException | None = None,
     ) -> None:
+        parsed.take(None)
         unbind_contextvars(*CONTEXT_KEYS)
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:

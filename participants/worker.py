@@ -36,7 +36,7 @@ from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from participants.broker import ParticipantBroker
 from participants.errors import DefinitionError, SavepointNeeded
 from participants.handling import resolve
-from participants.middleware import ParticipantMiddleware
+from participants.middleware import ParticipantMiddleware, parsed
 from participants.participant import Participant
 from participants.replies import reply_to, technical_failure
 from participants.store import PostgresInbox, purge_inbox
@@ -90,7 +90,11 @@ class Binding:
 
     def process(self, *args: Any, **kwargs: Any) -> None:
         """The body of every actor: one transaction per message."""
-        envelope = self.parse(args, kwargs)
+        envelope = None
+        if len(args) == 1 and not kwargs:
+            envelope = parsed.take(args[0])
+        if envelope is None:
+            envelope = self.parse(args, kwargs)
         try:
             self._transaction(envelope, optimistic=True)
         except SavepointNeeded:

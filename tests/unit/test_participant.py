@@ -21,7 +21,7 @@ from outbox_relay.errors import ConfigurationError, MessageError
 from outbox_relay.message import REPLY_ACTOR, Envelope, decode, encode
 from participants import BusinessFailure, Context, DefinitionError, Participant, Payload
 from participants.inbox import InboxKey, StoredReply
-from participants.middleware import CONTEXT_KEYS, ParticipantMiddleware, Rejected
+from participants.middleware import CONTEXT_KEYS, ParticipantMiddleware, Rejected, parsed
 from participants.replies import outgoing, reply_to, technical_failure
 from participants.testing import MemoryInbox, command, compensation, retry
 from participants.worker import RetryPolicy, bind
@@ -431,3 +431,13 @@ def test_settings_from_env() -> None:
     assert defaults.retention.days == 7
     with pytest.raises(ConfigurationError, match="SAGABOX_INBOX_RETENTION_SECONDS"):
         ParticipantSettings.from_env(Env({"SAGABOX_INBOX_RETENTION_SECONDS": "soon"}))
+
+
+def test_the_envelope_the_middleware_parsed_is_taken_once_and_only_for_its_arguments() -> None:
+    raw, other = {"a": 1}, {"a": 1}
+    envelope = command("buy", {})
+    parsed.raw, parsed.envelope = raw, envelope
+    assert parsed.take(other) is None  # an equal dict is not the same delivery
+    parsed.raw, parsed.envelope = raw, envelope
+    assert parsed.take(raw) is envelope
+    assert parsed.take(raw) is None  # taken once
