@@ -21,6 +21,7 @@ import, and the object is passed down like any other setting.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -106,6 +107,15 @@ class Failpoints:
         time.sleep(float(action.removeprefix("sleep:")))
 
     __call__ = failpoint
+
+    async def afailpoint(self, name: str) -> None:
+        """``failpoint`` for a coroutine: a sleep stalls this task, not the whole loop."""
+        action = self.actions.get(name)
+        if action is not None and action.startswith("sleep:"):
+            if self._fires(name):
+                await asyncio.sleep(float(action.removeprefix("sleep:")))
+            return
+        self.failpoint(name)
 
     def _fires(self, name: str) -> bool:
         probability = self.probabilities.get(name)

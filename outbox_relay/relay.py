@@ -16,7 +16,9 @@ NOTIFYs or not, so that under load one claim gathers many writers' rows. While r
 were seen in the last ``active_window`` seconds the dispatcher also polls after empty
 claims (busy writers debounce their NOTIFYs), doubling the interval after each empty
 claim up to ``active_poll_max_interval`` (no more than the writers' debounce, 50 ms),
-otherwise every ``idle_poll_interval``.
+otherwise every ``idle_poll_interval``. A claim that came back empty while a batch
+was awaiting its confirms is repeated as soon as that batch's rows are deleted: the
+rows it skipped (later rows of the same correlation ids) are claimable from then on.
 
 Exceptions: pika and psycopg errors inside the loop are retried with backoff
 (and logged as ``relay_reconnecting``); those that escape become RelayError.
@@ -161,11 +163,14 @@ class DatabaseRelay:
         self._broker = broker
         self._config = config
         self._failpoint = failpoints.failpoint
+        self._afailpoint = failpoints.afailpoint
         self._stopping = stopping
         self._counters = counters
         self._wake = asyncio.Event()
         self._last_rows = float("-inf")
         self._empty_claims = 0  # in a row: each one doubles the active poll interval
+        # When a claim last came back empty (see _finish).
+        self._empty_claim_at = float("-inf")
         self._idle: list[AsyncConn] = []
         self._slots = asyncio.Semaphore(config.pipeline_depth)
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -221,7 +226,8 @@ class DatabaseRelay:
                     self._idle.append(conn)
                     self._slots.release()
                     self._empty_claims += 1
-                    await self._idle_wait(loop.time())
+                    self._empty_claim_at = loop.time()
+                    await self._idle_wait(self._empty_claim_at)
                     attempt = 0
                     continue
                 self._last_rows = loop.time()
@@ -324,13 +330,19 @@ class DatabaseRelay:
                 ) from None
             confirm_seconds = asyncio.get_running_loop().time() - confirms.started
             self._confirm_seconds.observe(confirm_seconds)
-            self._failpoint("relay.after_confirm_before_mark")
+            await self._afailpoint("relay.after_confirm_before_mark")
             # Not in a pipeline: psycopg's async pipeline costs more CPU than the round
             # trip it saves (measured: 170 against 117 us per claim and commit).
             await self._record(conn, rows, outcomes, confirm_seconds)
             await conn.commit()
             self._failpoint("relay.after_mark")
             self._idle.append(conn)
+            if self._empty_claim_at >= confirms.started:
+                # A claim that found nothing while this batch was unconfirmed may have
+                # skipped rows queued behind it (same correlation id), and no NOTIFY
+                # will come for them: this delete is what makes them claimable. A
+                # saga's reply often comes back before its command's confirm.
+                self.wake()
         except (psycopg.Error, RelayError, OSError) as e:
             log.warning(
                 "outbox_batch_failed", database=self.name, rows=len(rows), error=str(e) or repr(e)

@@ -24,18 +24,10 @@ def render(report: Report) -> str:
         f"{'system':<16}{'sagas/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
         f"{'commits':>9}  {'CPU ms/saga: pg + rabbit + own = total':<40}check",
     ]
-    for s in report.systems:
-        m, run = s.main, s.main.run
-        pg, mq = m.cpu_seconds.get("postgres", 0.0), m.cpu_seconds.get("rabbitmq", 0.0)
-        own = own_cpu(s)
-        per = [1000 * m.per_saga(x) for x in (pg, mq, own, pg + mq + own)]
-        lines.append(
-            f"{s.name:<16}{run.rate:>9.1f}{run.percentile(0.5):>9.1f}{run.percentile(0.95):>9.1f}"
-            f"{run.percentile(0.99):>9.1f}{m.per_saga(m.commits):>9.1f}  "
-            f"{per[0]:>6.1f} + {per[1]:>6.1f} + {per[2]:>6.1f} = {per[3]:>6.1f}{'':<9}"
-            f"{'ok' if not s.problems else 'FAILED'}"
-        )
-    lines += _open(report) + _sweep(report) + _growth(report) + _limits(report) + _ratios(report)
+    # Replicas beyond 1 have their own table (_replicas), against the main run.
+    lines += [f"{s.name:<16}{_figures(s)}{_check(s)}" for s in report.systems if s.replicas == 1]
+    lines += _open(report) + _sweep(report) + _growth(report) + _replicas(report)
+    lines += _limits(report) + _ratios(report)
     for s in report.systems:
         if s.main.commit_split:
             split = ", ".join(
@@ -54,6 +46,23 @@ def render(report: Report) -> str:
         lines += [f"  {s.name} consistency: {p}" for p in s.problems]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _figures(s: SystemResult) -> str:
+    """A row's figures, from sagas/s to the CPU per saga."""
+    m, run = s.main, s.main.run
+    pg, mq = m.cpu_seconds.get("postgres", 0.0), m.cpu_seconds.get("rabbitmq", 0.0)
+    own = own_cpu(s)
+    per = [1000 * m.per_saga(x) for x in (pg, mq, own, pg + mq + own)]
+    return (
+        f"{run.rate:>9.1f}{run.percentile(0.5):>9.1f}{run.percentile(0.95):>9.1f}"
+        f"{run.percentile(0.99):>9.1f}{m.per_saga(m.commits):>9.1f}  "
+        f"{per[0]:>6.1f} + {per[1]:>6.1f} + {per[2]:>6.1f} = {per[3]:>6.1f}{'':<9}"
+    )
+
+
+def _check(s: SystemResult) -> str:
+    return "ok" if not s.problems else "FAILED"
 
 
 def _open(report: Report) -> list[str]:
@@ -98,6 +107,31 @@ def _growth(report: Report) -> list[str]:
         lines.append(
             f"  {table:<22}{size / 2**20:>10.1f} MiB (empty run: "
             f"{empty.sizes.get(table, 0) / 2**20:.1f} MiB)"
+        )
+    return lines
+
+
+def _replicas(report: Report) -> list[str]:
+    """One row per replica count, N=1 being the main run, with the ratios to N=1."""
+    one = next((s for s in report.systems if s.name == "sagabox"), None)
+    more = sorted(
+        (s for s in report.systems if s.replicas > 1 and s.name.startswith("sagabox")),
+        key=lambda s: s.replicas,
+    )
+    if one is None or not more:
+        return []
+    lines = [
+        "",
+        "replicas: N orchestrators, N relays and N workers per service, same closed loop",
+        f"  {'N':>3}{'sagas/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'commits':>9}  "
+        f"{'CPU ms/saga: pg + rabbit + own = total':<42}{'check':<8}"
+        f"{'sagas/s vs N=1':>16}{'CPU vs N=1':>12}",
+    ]
+    for s in (one, *more):
+        lines.append(
+            f"  {s.replicas:>3}{_figures(s)}{_check(s):<8}"
+            f"{s.main.run.rate / one.main.run.rate:>15.2f}x"
+            f"{_cpu_per_saga(s) / _cpu_per_saga(one):>11.2f}x"
         )
     return lines
 
@@ -149,7 +183,7 @@ def render_rounds(rounds: Sequence[Report]) -> str:
     One run's ratio moves with whatever else the machine does; rounds that alternate
     sagabox and its peers, and the median of their ratios, move much less.
     """
-    names = [s.name for s in rounds[0].systems if s.name != "sagabox+preload"]
+    names = [s.name for s in rounds[0].systems if s.name != "sagabox+preload" and s.replicas == 1]
     header = "".join(f"{n:>16}" for n in names)
     lines = [
         "",

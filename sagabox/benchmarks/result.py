@@ -31,6 +31,7 @@ class SystemResult:
     open: Run | None = None
     problems: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # table -> bytes after the run
+    replicas: int = 1  # processes of each component (sagabox only; a peer is 1)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class SystemResult:
             "open": _run(self.open) if self.open else None,
             "problems": self.problems,
             "sizes": self.sizes,
+            "replicas": self.replicas,
         }
 
     @classmethod
@@ -66,6 +68,7 @@ class SystemResult:
             _unrun(raw["open"]) if raw["open"] else None,
             list(raw["problems"]),
             dict(raw.get("sizes", {})),
+            int(raw.get("replicas", 1)),
         )
 
 

@@ -1,8 +1,9 @@
 """One ``sagabox bench saga`` run: sagabox, the peers and the machine's limits, side by side.
 
-sagabox runs first (its processes stop before any peer starts), then each peer in its
-own process, then pgbench and raw pika; every system gets the same orders, failure
-mix, concurrency and consistency check. A peer whose extra is missing is skipped
+sagabox runs first (its processes stop before any peer starts), then again with N of
+each of its processes for each ``--replicas`` count N > 1, then each peer in its own
+process, then pgbench and raw pika; every system gets the same orders, failure mix,
+concurrency and consistency check. A peer whose extra is missing is skipped
 with a note, and the rest still runs.
 """
 
@@ -45,6 +46,8 @@ class Options:
     settle: float = 11.0
     prefix: str = "sagabox_bench"
     preload: int = 0
+    # Process counts: the main run is 1; each N > 1 runs sagabox's closed loop again.
+    replicas: tuple[int, ...] = (1,)
 
 
 @dataclass
@@ -95,6 +98,11 @@ def run(options: Options, say: Callable[[str], None]) -> Report:
             warmup=options.warmup,
         )
     )
+    for n in sorted({n for n in options.replicas if n > 1}):
+        say(f"replicas: the same closed loop with {n} of each sagabox process")
+        report.systems.append(
+            bench.run(options.count, options.concurrency, warmup=options.warmup, replicas=n)
+        )
     if options.preload:
         say(f"growth: the same closed loop on {options.preload:,} finished sagas")
         report.systems.append(

@@ -2,7 +2,8 @@
 
 The services ``place_order`` v1 needs (inventory, payment, shipping, loyalty) each get
 their own database, the orchestrator its own, and a RabbitMQ vhost; the processes run
-as in production (sagabox/supervisor.py). The driver starts sagas through
+as in production (sagabox/supervisor.py), built by ``sagabox up``'s ``specs``, with N
+replicas of each for ``--replicas``. The driver starts sagas through
 ``Orchestrator.start`` (one commit each) and learns they ended from one poller
 connection; the poller's transactions and its backend's CPU are taken out of the
 figures.
@@ -32,7 +33,8 @@ from sagabox.benchmarks import cpu, store, workload
 from sagabox.benchmarks.drive import Run, closed_loop, open_loop
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.result import Measured, SystemResult, unexpected
-from sagabox.supervisor import ProcessSpec, Supervisor, sagabox_argv
+from sagabox.supervisor import Supervisor
+from sagabox.up import DEFAULT_SAGAS, Replicas, UpConfig, specs
 
 SERVICES = ("inventory", "payment", "shipping", "loyalty")
 NAMES = ("orchestrator", *SERVICES)
@@ -87,12 +89,12 @@ class _Waiter:
 class _Live:
     """What a run holds while sagabox runs: pools, the poller, the processes, saga ids."""
 
-    def __init__(self, bench: SagaboxBench, amqp: str, concurrency: int) -> None:
+    def __init__(self, bench: SagaboxBench, amqp: str, concurrency: int, log_dir: Path) -> None:
         self.amqp = amqp
         self.timeout = bench.timeout
         self.engines = {n: make_engine(bench.url(n), pool_size=max(2, concurrency)) for n in NAMES}
         self.poller = store.StatusPoller(bench.url("orchestrator"))
-        self.supervisor = Supervisor(bench.log_dir)
+        self.supervisor = Supervisor(log_dir)
         self.waiter = _Waiter(self.poller, self.supervisor.dead)
         self.orchestrator = Orchestrator(self.engines["orchestrator"], registry())
         self.started: list[str] = []
@@ -140,10 +142,12 @@ class SagaboxBench:
         sweep_count: int = 0,
         warmup: int = 20,
         preload: int = 0,
+        replicas: int = 1,
     ) -> SystemResult:
         """Warm up, run the sweep and the open loop, then the measured closed loop.
 
-        With ``preload``, that many finished sagas and their history are inserted first.
+        With ``preload``, that many finished sagas and their history are inserted first;
+        with ``replicas``, that many orchestrators, relays and workers per service run.
         """
         total = warmup + count + (len(sweep) * sweep_count) + (count if rate else 0)
         initial = workload.seed_for(total)
@@ -153,10 +157,11 @@ class SagaboxBench:
             if preload:
                 self.say(f"sagabox: preloading {preload:,} finished sagas and their history")
                 store.preload(self.url("orchestrator"), preload)
-            live = _Live(self, self._vhost(), concurrency)
+            log_dir = self.log_dir if replicas == 1 else self.log_dir / f"replicas-{replicas}"
+            live = _Live(self, self._vhost(), concurrency, log_dir)
             with live.supervisor:
-                self._start(live.supervisor, live.amqp)
-                self.say(f"sagabox: warming up on {warmup} sagas (logs in {self.log_dir})")
+                self._start(live.supervisor, live.amqp, replicas)
+                self.say(f"sagabox: warming up on {warmup} sagas (logs in {log_dir})")
                 closed_loop(live.run_one, warmup, min(concurrency, 4))
                 first = warmup
                 runs: dict[int, Run] = {}
@@ -184,15 +189,12 @@ class SagaboxBench:
                 problems += unexpected(r, workload.expected)
             if dead:
                 problems.append(f"processes died during the run: {dead}")
-            config = (
-                f"relay + orchestrator + {len(SERVICES)} workers x {self.threads} threads, "
-                f"log level {self.log_level}"
-            )
-            name = "sagabox"
+            config = f"{_processes(replicas)} x {self.threads} threads, log level {self.log_level}"
+            name = "sagabox" if replicas == 1 else f"sagabox x{replicas}"
             if preload:
-                name, config = "sagabox+preload", f"{config}, {preload:,} finished sagas preloaded"
+                name, config = f"{name}+preload", f"{config}, {preload:,} finished sagas preloaded"
             sizes = store.table_sizes(self.url("orchestrator"))
-            return SystemResult(name, config, main, runs, opened, problems, sizes)
+            return SystemResult(name, config, main, runs, opened, problems, sizes, replicas)
         finally:
             if live is not None:
                 live.close()
@@ -222,11 +224,15 @@ class SagaboxBench:
     def _cpu_groups(
         self, supervisor: Supervisor, poller: store.StatusPoller
     ) -> dict[str, list[int] | str]:
+        # One group per component (every replica of it), so the report can show where
+        # sagabox's own CPU goes: "relay-1" and "relay-2" both count as "relay".
+        components: dict[str, list[int]] = {}
+        for name in supervisor.processes:
+            components.setdefault(name.rpartition("-")[0], []).append(supervisor.pid(name))
         return {
             "postgres": "postgres",
             "rabbitmq": "beam.smp",
-            # One group per process, so the report can show where sagabox's own CPU goes.
-            **{name: [supervisor.pid(name)] for name in supervisor.processes},
+            **components,
             "poller backend": [poller.backend_pid],
         }
 
@@ -265,37 +271,21 @@ class SagaboxBench:
             for engine in engines.values():
                 engine.dispose()
 
-    def _start(self, supervisor: Supervisor, amqp_url: str) -> None:
-        # The same processes and settings as sagabox/demo.py, with a quieter log level.
-        common = {"SAGABOX_AMQP_URL": amqp_url, "SAGABOX_LOG_LEVEL": self.log_level}
-        urls = [self.url(n) for n in ("orchestrator", *SERVICES)]
-        supervisor.start(
-            ProcessSpec(
-                "relay",
-                sagabox_argv("relay"),
-                {**common, "SAGABOX_RELAY_DATABASE_URLS": ",".join(urls)},
-            )
+    def _start(self, supervisor: Supervisor, amqp_url: str, replicas: int) -> None:
+        for spec in specs(self.up_config(amqp_url, replicas)):
+            supervisor.start(spec)
+
+    def up_config(self, amqp_url: str, replicas: int = 1) -> UpConfig:
+        """The processes ``sagabox up`` would run here, with a quieter log level."""
+        return UpConfig(
+            orchestrator_url=self.url("orchestrator"),
+            participant_urls={s: self.url(s) for s in SERVICES},
+            amqp_url=amqp_url,
+            replicas=Replicas(orchestrator=replicas, relay=replicas, participants=replicas),
+            sagas=DEFAULT_SAGAS,
+            threads=self.threads,
+            env={"SAGABOX_LOG_LEVEL": self.log_level},
         )
-        supervisor.start(
-            ProcessSpec(
-                "orchestrator",
-                sagabox_argv("orchestrator"),
-                {
-                    **common,
-                    "SAGABOX_DATABASE_URL": self.url("orchestrator"),
-                    "SAGABOX_SAGAS": "participants.examples.sagas:registry",
-                },
-            )
-        )
-        for service in SERVICES:
-            argv = sagabox_argv(
-                "participant", f"participants.examples.{service}", "--threads", str(self.threads)
-            )
-            supervisor.start(
-                ProcessSpec(
-                    service, argv, {**common, "SAGABOX_PARTICIPANT_DATABASE_URL": self.url(service)}
-                )
-            )
 
     def _vhost(self) -> str:
         if shutil.which("rabbitmqctl") is None:
@@ -309,6 +299,12 @@ class SagaboxBench:
         for name in ("orchestrator", *SERVICES, "accounting"):
             store.drop_database(self.admin_url, self.database(name))
         _rabbitmqctl("delete_vhost", self.prefix, check=False)
+
+
+def _processes(replicas: int) -> str:
+    if replicas == 1:
+        return f"relay + orchestrator + {len(SERVICES)} workers"
+    return f"{replicas} relays + {replicas} orchestrators + {replicas} x {len(SERVICES)} workers"
 
 
 def _rabbitmqctl(*args: str, check: bool = True) -> None:

@@ -110,12 +110,19 @@ def _register_saga(benchmarks: Any) -> None:
         help="growth: run sagabox again on this many preloaded finished sagas (e.g. 1000000)",
     )
     parser.add_argument(
+        "--replicas",
+        type=replica_counts,
+        default=(1,),
+        help="process counts, e.g. 1,2: for each N > 1, sagabox's closed loop runs again with "
+        "N orchestrators, N relays and N workers per service (default: 1)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
         help="rounds of the closed loop, alternating sagabox and the saga peers; "
-        "prints each round and the median ratio (sweep, open loop, growth and limits "
-        "run in the first round only)",
+        "prints each round and the median ratio (sweep, open loop, growth, replicas and "
+        "limits run in the first round only)",
     )
     parser.set_defaults(handler=handle_saga)
 
@@ -143,12 +150,18 @@ def handle_saga(args: argparse.Namespace) -> int:
         pika_messages=args.pika_messages,
         settle=args.settle,
         preload=args.preload,
+        replicas=args.replicas,
     )
     report = run_saga(options, _say)
     print(render(report))
     rounds = [report]
     again = replace(
-        options, sweep=(), rate=0.0, preload=0, peers=tuple(p for p in peers if p in SAGA_PEERS)
+        options,
+        sweep=(),
+        rate=0.0,
+        preload=0,
+        replicas=(1,),
+        peers=tuple(p for p in peers if p in SAGA_PEERS),
     )
     for i in range(2, max(1, args.repeat) + 1):
         _say(f"round {i} of {args.repeat}")
@@ -161,6 +174,17 @@ def handle_saga(args: argparse.Namespace) -> int:
         plot(report, args.plot)
         print(f"plot: {args.plot}")
     return 0 if all(r.ok for r in rounds) else 1
+
+
+def replica_counts(text: str) -> tuple[int, ...]:
+    """``1,2`` as (1, 2): distinct process counts, each at least 1, in order."""
+    try:
+        counts = {int(item) for item in text.split(",") if item.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of counts, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: counts must be integers >= 1, e.g. 1,2")
+    return tuple(sorted(counts))
 
 
 def _say(line: str) -> None:

@@ -42,3 +42,34 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(services:
     assert all(not math.isnan(v) for v in main.cpu_seconds.values()), text
     line = next(row for row in text.splitlines() if row.startswith("sagabox "))
     assert line.endswith("ok"), text
+
+
+def test_with_two_replicas_of_each_process_the_check_still_holds(services: None) -> None:
+    options = Options(
+        count=20,
+        concurrency=4,
+        warmup=2,
+        peers=(),
+        admin_url=servers.PG_ADMIN_URL,
+        settle=1.0,
+        prefix=f"sagabox_test_bench_{uuid.uuid4().hex[:8]}",
+        replicas=(1, 2),
+    )
+    report = run(options, say=lambda _: None)
+    text = render(report)
+    one, two = report.systems
+    assert report.ok, text
+    assert (one.name, one.replicas, two.name, two.replicas) == ("sagabox", 1, "sagabox x2", 2)
+    assert two.main.run.count == 20 and not two.problems, text
+    assert two.main.messages == pytest.approx(20 * 7.8, rel=0.2), text
+    # Every replica's CPU counts, in its component's group.
+    mine = {k: v for k, v in two.main.cpu_seconds.items() if k not in ("postgres", "rabbitmq")}
+    assert set(mine) == {"relay", "orchestrator", "inventory", "payment", "shipping", "loyalty"}
+    assert all(v > 0 for v in mine.values()), text
+    assert "2 relays + 2 orchestrators + 2 x 4 workers" in two.config
+    rows = text.splitlines()
+    table = rows.index(
+        "replicas: N orchestrators, N relays and N workers per service, same closed loop"
+    )
+    assert rows[table + 2].split()[-3:] == ["ok", "1.00x", "1.00x"], text
+    assert rows[table + 3].split()[:1] == ["2"] and "ok" in rows[table + 3].split(), text

@@ -318,7 +318,10 @@ def test_the_outbox_wakes_relays_at_most_once_per_interval(engine: Engine, clock
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute("LISTEN sagabox_outbox")
         orch = Orchestrator(
-            engine, Registry([ORDER]), clock=clock, outbox=OutboxWriter(notify_interval=60)
+            engine,
+            Registry([ORDER]),
+            clock=clock,
+            outbox=OutboxWriter(notify_interval=60, quiet_gap=60),
         )
         for _ in range(5):
             orch.start("order", DATA)
