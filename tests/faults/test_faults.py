@@ -1,5 +1,6 @@
 """The whole order system under faults: processes killed at their failpoints, database
-connections terminated, PostgreSQL restarted, RabbitMQ blackholed and refused, a
+connections terminated, PostgreSQL restarted, RabbitMQ's connections closed, RabbitMQ
+stopped and started, blackholed and refused, a
 participant paused past its step timeout, a message that kills its worker. After each,
 every saga ends as it must, no effect is applied twice, every outbox drains and every
 history is contiguous (tests/faults/harness.py)."""
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pika
 import pytest
@@ -107,6 +109,43 @@ def test_postgres_restarted_immediately_mid_run(system: System) -> None:
         finally:
             servers.ensure_services()
         system.load(4)
+        system.settle(90)
+    system.assert_consistent()
+
+
+def test_broker_connections_closed_mid_run(system: System) -> None:
+    # Every process's connections at once: the orchestrator's consumer, the relay's
+    # publisher, the workers' consumers and their unacked deliveries.
+    vhost = unquote(urlsplit(system.amqp_url).path.lstrip("/"))
+    with running(system):
+        system.load(6)
+        wait_for(lambda: system.count("completed") >= 1, 30, "a first saga to complete")
+        for _ in range(2):
+            servers.rabbitmqctl("close_all_connections", "--vhost", vhost, "fault test")
+            system.load(3)
+            time.sleep(1.0)
+        system.settle(90)
+    system.assert_consistent()
+    reconnected = [
+        name
+        for name in ("orchestrator-1", "relay-1")
+        if "reconnect" in (system.log_dir / f"{name}.log").read_text()
+    ]
+    assert reconnected == ["orchestrator-1", "relay-1"]
+
+
+def test_rabbitmq_stopped_and_started_mid_run(system: System) -> None:
+    with running(system):
+        system.load(6)
+        wait_for(lambda: system.count("completed") >= 1, 30, "a first saga to complete")
+        try:
+            servers.rabbitmqctl("stop_app")
+            system.load(3, may_time_out=True)  # in the orchestrator's outbox meanwhile
+            time.sleep(5)
+        finally:
+            servers.rabbitmqctl("start_app")
+            servers.rabbitmqctl("await_startup")
+        system.load(3)
         system.settle(90)
     system.assert_consistent()
 
