@@ -3,6 +3,13 @@
 The relay claims rows with ``FOR UPDATE SKIP LOCKED`` inside a short
 transaction, so several relays can share one outbox; it never keeps a "last
 published id" cursor, because rows commit out of id order.
+
+A batch costs two round trips: ``BEGIN; EXECUTE claim`` and ``EXECUTE delete;
+COMMIT``, each one simple-protocol query running statements prepared once per
+connection with SQL ``PREPARE``. psycopg would send BEGIN and COMMIT as round trips of
+their own (four per batch), and on this kind of machine a round trip costs more CPU
+than the statements it carries (measured: 1.05 against 2.0 ms of the relay's CPU per
+one-row batch, on a loaded 2-core VM). Only integers are spliced into these queries.
 """
 
 from __future__ import annotations
@@ -67,7 +74,13 @@ LIMIT %s
 FOR UPDATE OF o SKIP LOCKED
 """
 
-DELETE = "DELETE FROM sagabox.outbox WHERE id = ANY(%s)"
+DELETE = "DELETE FROM sagabox.outbox WHERE id = ANY($1)"
+
+# Prepared once per claiming connection (SQL-level, so a simple query can run them).
+PREPARE = (
+    f"PREPARE sagabox_claim(int) AS {CLAIM.replace('LIMIT %s', 'LIMIT $1')};"
+    f"PREPARE sagabox_delete(bigint[]) AS {DELETE}"
+)
 
 # Backoff doubles per attempt: base * 2^attempts, capped.
 RETRY = """
@@ -104,16 +117,34 @@ SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[])
 """
 
 
+async def prepare(conn: AsyncConn) -> None:
+    """Get an autocommit connection ready for claim() and delete_and_commit()."""
+    await conn.execute(PREPARE)
+
+
 async def claim(conn: AsyncConn, limit: int) -> list[OutboxRow]:
-    """Lock and return up to ``limit`` publishable rows, in id order (opens a transaction)."""
-    cur = await conn.execute(CLAIM, (limit,), prepare=True)
+    """Open a transaction, lock and return up to ``limit`` publishable rows in id order.
+
+    The transaction stays open (rows locked) until delete_and_commit() or commit().
+    """
+    cur = conn.cursor()
+    await cur.execute(f"BEGIN; EXECUTE sagabox_claim({int(limit)})")
+    cur.nextset()  # past BEGIN's empty result
     return [OutboxRow(*row) for row in await cur.fetchall()]
 
 
-async def delete(conn: AsyncConn, ids: Sequence[int]) -> None:
-    """Remove published rows (RabbitMQ confirmed them)."""
+async def delete_and_commit(conn: AsyncConn, ids: Sequence[int]) -> None:
+    """Remove published rows (RabbitMQ confirmed them) and end the claim's transaction."""
     if ids:
-        await conn.execute(DELETE, (list(ids),), prepare=True)
+        array = ",".join(str(int(i)) for i in ids)
+        await conn.execute(f"EXECUTE sagabox_delete('{{{array}}}'); COMMIT")
+    else:
+        await commit(conn)
+
+
+async def commit(conn: AsyncConn) -> None:
+    """End the claim's transaction (an empty claim, or nothing confirmed)."""
+    await conn.execute("COMMIT")
 
 
 async def retry_later(
