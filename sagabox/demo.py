@@ -32,7 +32,8 @@ from outbox_relay.errors import ConfigurationError
 from participants.examples import SERVICES
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from participants.examples.sagas import registry
-from sagabox.supervisor import ProcessSpec, Supervisor, sagabox_argv
+from sagabox.supervisor import Supervisor
+from sagabox.up import UpConfig, specs
 
 SEED = Seed(
     stock={"apple": 100, "pear": 20},
@@ -177,38 +178,15 @@ class Demo:
     def _start_processes(
         self, supervisor: Supervisor, urls: Mapping[str, str], amqp_url: str
     ) -> None:
-        common = {"SAGABOX_AMQP_URL": amqp_url, "SAGABOX_LOG_LEVEL": "INFO"}
-        supervisor.start(
-            ProcessSpec(
-                "relay",
-                sagabox_argv("relay"),
-                {
-                    **common,
-                    "SAGABOX_RELAY_DATABASE_URLS": ",".join(urls.values()),
-                },
-            )
+        config = UpConfig(
+            orchestrator_url=urls["orchestrator"],
+            participant_urls={service: urls[service] for service in SERVICES},
+            amqp_url=amqp_url,
+            sagas="participants.examples.sagas:registry",
+            env={"SAGABOX_LOG_LEVEL": "INFO"},
         )
-        supervisor.start(
-            ProcessSpec(
-                "orchestrator",
-                sagabox_argv("orchestrator"),
-                {
-                    **common,
-                    "SAGABOX_DATABASE_URL": urls["orchestrator"],
-                    "SAGABOX_SAGAS": "participants.examples.sagas:registry",
-                },
-            )
-        )
-        for service in SERVICES:
-            supervisor.start(
-                ProcessSpec(
-                    service,
-                    sagabox_argv(
-                        "participant", f"participants.examples.{service}", "--threads", "4"
-                    ),
-                    {**common, "SAGABOX_PARTICIPANT_DATABASE_URL": urls[service]},
-                )
-            )
+        for spec in specs(config):
+            supervisor.start(spec)
         self.say(
             f"started {len(supervisor.processes)} processes: {', '.join(supervisor.processes)}"
         )

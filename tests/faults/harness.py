@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import psycopg
 from sqlalchemy import Engine, select
 
 from orchestrator import Orchestrator, Registry, make_engine
@@ -32,6 +31,7 @@ from orchestrator import store as orchestrator_store
 from orchestrator.tables import saga
 from outbox_relay.table import pending_rows
 from participants.examples.checks import SagaOutcome, Seed, check, seed
+from sagabox import faults
 from sagabox.supervisor import ProcessSpec, Supervisor
 from sagabox.up import Replicas, UpConfig, specs
 from tests import servers
@@ -269,51 +269,13 @@ def history_gaps(engine: Engine) -> list[str]:
 
 def terminate_backends(url: str) -> int:
     """pg_terminate_backend on every connection to ``url``'s database; how many."""
-    database = url.rsplit("/", 1)[1]
-    with psycopg.connect(servers.PG_ADMIN_URL, autocommit=True) as admin:
-        rows = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND pid <> pg_backend_pid()",
-            (database,),
-        ).fetchall()
-    return len(rows)
+    return faults.terminate_backends(servers.PG_ADMIN_URL, url.rsplit("/", 1)[1])
 
 
-def restart_postgres() -> None:
-    """An immediate-mode restart: every connection dies, no checkpoint."""
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "restart", "-m", "immediate"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def iptables_available() -> bool:
-    try:
-        return (
-            subprocess.run(
-                ["iptables", "-L", "INPUT", "-n"], check=False, capture_output=True
-            ).returncode
-            == 0
-        )
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def amqp_blocked(target: str) -> Iterator[None]:
+def amqp_blocked(target: str) -> contextlib.AbstractContextManager[None]:
     """Packets to RabbitMQ's port on loopback are dropped (or refused) while inside."""
-    rule = ["INPUT", "-p", "tcp", "-i", "lo", "--dport", str(servers.AMQP_PORT), "-j", target]
-    if target == "REJECT":
-        rule += ["--reject-with", "tcp-reset"]
-    subprocess.run(["iptables", "-I", *rule], check=True)
-    try:
-        yield
-    finally:
-        # -D removes one copy; loop in case a retry inserted it twice.
-        while (
-            subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True).returncode
-            == 0
-        ):
-            pass
+    return faults.port_blocked(servers.AMQP_PORT, target)
+
+
+restart_postgres = faults.restart_postgres
+iptables_available = faults.iptables_available

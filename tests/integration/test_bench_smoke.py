@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,9 @@ from tests import servers
 pytestmark = pytest.mark.integration
 
 
-def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(services: None) -> None:
-    options = Options(
+def small(**overrides: Any) -> Options:
+    """20 sagas at concurrency 4, no peers, on databases of this test's own."""
+    return Options(
         count=20,
         concurrency=4,
         warmup=2,
@@ -23,8 +25,12 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(services:
         admin_url=servers.PG_ADMIN_URL,
         settle=1.0,
         prefix=f"sagabox_test_bench_{uuid.uuid4().hex[:8]}",
+        **overrides,
     )
-    report = run(options, say=lambda _: None)
+
+
+def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(services: None) -> None:
+    report = run(small(), say=lambda _: None)
     text = render(report)
     (sagabox,) = report.systems
     main = sagabox.main
@@ -45,17 +51,7 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(services:
 
 
 def test_with_two_replicas_of_each_process_the_check_still_holds(services: None) -> None:
-    options = Options(
-        count=20,
-        concurrency=4,
-        warmup=2,
-        peers=(),
-        admin_url=servers.PG_ADMIN_URL,
-        settle=1.0,
-        prefix=f"sagabox_test_bench_{uuid.uuid4().hex[:8]}",
-        replicas=(1, 2),
-    )
-    report = run(options, say=lambda _: None)
+    report = run(small(replicas=(1, 2)), say=lambda _: None)
     text = render(report)
     one, two = report.systems
     assert report.ok, text
