@@ -315,6 +315,18 @@ class Orchestrator:
         with self._begin() as conn:
             return store.purge_reply_inbox(conn, cutoff, limit)
 
+    def purge_finished(self, older_than_seconds: float, limit: int = 1_000) -> int:
+        """Delete completed and compensated sagas that ended more than
+        ``older_than_seconds`` ago, with their history (up to ``limit``; how many).
+
+        Failed sagas are kept: they wait for an operator. A start that reuses the
+        idempotency key of a purged saga starts a new saga.
+        """
+        cutoff = store.timestamp(self.clock() - older_than_seconds)
+        assert cutoff is not None
+        with self._begin() as conn:
+            return store.purge_finished_sagas(conn, cutoff, limit)
+
     def fire_timers(self, limit: int = 200) -> int:
         """Apply every due deadline and scheduled retry (up to ``limit`` sagas).
 

@@ -68,6 +68,9 @@ class ReplyConsumer:
     # Reply ids are kept this long (seconds), then purged every purge_interval.
     reply_retention: float = 7 * 24 * 3600.0
     purge_interval: float = 300.0
+    # Completed and compensated sagas are deleted this long (seconds) after they ended,
+    # with their history; 0 keeps them forever.
+    saga_retention: float = 0.0
     topology: Topology = field(default_factory=Topology)
     on_batch: Callable[[int], None] | None = None
     # Tests arm orchestrator.after_commit_before_ack: a crash there redelivers a batch
@@ -114,7 +117,9 @@ class ReplyConsumer:
                 now = time.monotonic()
                 if now >= next_purge:
                     self._purge_replies()
-                    next_purge = time.monotonic() + self.purge_interval
+                    behind = self.saga_retention > 0 and self._purge_sagas()
+                    # A backlog of expired sagas goes in slices, a second apart.
+                    next_purge = time.monotonic() + (1.0 if behind else self.purge_interval)
                 if now >= next_timers:
                     self._fire_timers()
                     next_timers = time.monotonic() + self.timer_interval
@@ -209,6 +214,23 @@ class ReplyConsumer:
                 log.info("reply_inbox_purged", rows=total)
         except StoreError as e:
             log.warning("reply_inbox_purge_failed", error=str(e))
+
+    def _purge_sagas(self, batch: int = 1_000, batches: int = 10) -> bool:
+        """The retention job: a slice of small transactions, so that replies keep
+        flowing on this thread meanwhile; True while expired sagas remain."""
+        total, behind = 0, False
+        try:
+            for _ in range(batches):
+                n = self.orchestrator.purge_finished(self.saga_retention, batch)
+                total += n
+                behind = n == batch
+                if not behind or self._stopping.is_set():
+                    break
+        except StoreError as e:
+            log.warning("saga_purge_failed", error=str(e))
+        if total:
+            log.info("finished_sagas_purged", sagas=total, retention=self.saga_retention)
+        return behind
 
     def _fire_timers(self) -> None:
         try:

@@ -386,6 +386,25 @@ def purge_reply_inbox(conn: Connection, older_than: dt.datetime, limit: int = 10
     return conn.execute(stmt).rowcount
 
 
+# Completed and compensated sagas only: a failed saga waits for an operator, whatever
+# its age. History rows go with their saga (ON DELETE CASCADE). SKIP LOCKED: a saga an
+# operator is acting on right now is left for the next pass.
+PURGE_FINISHED = f"""
+WITH doomed AS (
+    SELECT id FROM {saga.fullname}
+    WHERE status IN ('completed', 'compensated') AND updated_at < %(cutoff)s
+    ORDER BY updated_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {saga.fullname} AS s USING doomed WHERE s.id = doomed.id"""
+
+
+def purge_finished_sagas(conn: Connection, older_than: dt.datetime, limit: int = 1_000) -> int:
+    """Delete up to ``limit`` sagas that ended before ``older_than``, with their history."""
+    return conn.exec_driver_sql(PURGE_FINISHED, {"cutoff": older_than, "limit": limit}).rowcount
+
+
 def history_gaps(conn: Connection) -> list[str]:
     """Sagas whose history is not seq 1..n without gap or repeat (an invariant of chaos runs)."""
     query = select(

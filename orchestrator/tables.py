@@ -43,6 +43,12 @@ saga = Table(
     UniqueConstraint("name", "idempotency_key", name="saga_name_idempotency_key"),
     Index("saga_wake_at", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
     Index("saga_status_name_created_at", "status", "name", "created_at"),
+    # The retention job's walk, oldest first (migrations: orchestrator_0002).
+    Index(
+        "saga_finished_updated_at",
+        "updated_at",
+        postgresql_where=text("status IN ('completed', 'compensated')"),
+    ),
 )
 
 history = Table(

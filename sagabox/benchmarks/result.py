@@ -32,6 +32,8 @@ class SystemResult:
     problems: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # table -> bytes after the run
     replicas: int = 1  # processes of each component (sagabox only; a peer is 1)
+    # Growth: what the retention job did after the run (purged, seconds, rows left).
+    retention: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +51,7 @@ class SystemResult:
             "problems": self.problems,
             "sizes": self.sizes,
             "replicas": self.replicas,
+            "retention": self.retention,
         }
 
     @classmethod
@@ -69,6 +72,7 @@ class SystemResult:
             list(raw["problems"]),
             dict(raw.get("sizes", {})),
             int(raw.get("replicas", 1)),
+            dict(raw.get("retention", {})),
         )
 
 

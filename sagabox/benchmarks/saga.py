@@ -194,7 +194,10 @@ class SagaboxBench:
             if preload:
                 name, config = f"{name}+preload", f"{config}, {preload:,} finished sagas preloaded"
             sizes = store.table_sizes(self.url("orchestrator"))
-            return SystemResult(name, config, main, runs, opened, problems, sizes, replicas)
+            retention = self._retention() if preload else {}
+            return SystemResult(
+                name, config, main, runs, opened, problems, sizes, replicas, retention
+            )
         finally:
             if live is not None:
                 live.close()
@@ -235,6 +238,21 @@ class SagaboxBench:
             **components,
             "poller backend": [poller.backend_pid],
         }
+
+    def _retention(self, keep: float = 3600.0) -> dict[str, float]:
+        """Run the orchestrator's retention job as `SAGABOX_SAGA_RETENTION_SECONDS=3600`
+        would: the preloaded sagas ended a day ago and go; this run's stay."""
+        engine = make_engine(self.url("orchestrator"), pool_size=1)
+        try:
+            orchestrator = Orchestrator(engine, registry())
+            started, purged = time.perf_counter(), 0
+            while (n := orchestrator.purge_finished(keep, 10_000)) > 0:
+                purged += n
+            seconds = time.perf_counter() - started
+        finally:
+            engine.dispose()
+        rows = store.row_counts(self.url("orchestrator"))
+        return {"purged": purged, "seconds": seconds, **{f"{t} rows": n for t, n in rows.items()}}
 
     def _problems(
         self,

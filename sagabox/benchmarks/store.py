@@ -147,6 +147,16 @@ def preload(url: str, count: int, chunk: int = 100_000) -> None:
         conn.execute("ANALYZE sagabox.saga, sagabox.saga_history")
 
 
+def row_counts(url: str) -> dict[str, int]:
+    """Rows in the saga and history tables."""
+    with psycopg.connect(url) as conn:
+        return {
+            table: int(row[0])
+            for table in TABLES[:2]
+            if (row := conn.execute(f"SELECT count(*) FROM {table}").fetchone())
+        }
+
+
 def table_sizes(url: str) -> dict[str, int]:
     """Bytes of each orchestrator table, indexes and TOAST included."""
     with psycopg.connect(url) as conn:

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         topology=settings.topology,
         reply_retention=settings.reply_retention,
         purge_interval=settings.purge_interval,
+        saga_retention=settings.saga_retention,
         # 'raise' plays a connection lost between the commit and the ack: the consumer
         # reconnects and the broker redelivers the batch.
         failpoints=Failpoints.from_env(error=pika.exceptions.AMQPConnectionError),

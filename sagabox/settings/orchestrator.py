@@ -46,6 +46,7 @@ class OrchestratorSettings:
     log_file: str | None
     reply_retention: float = 7 * 24 * 3600.0
     purge_interval: float = 300.0
+    saga_retention: float = 0.0
     metrics_port: int = 0
     metrics_interval: float = 5.0
     long_running_seconds: float = 300.0
@@ -83,6 +84,7 @@ class OrchestratorSettings:
                 "REPLY_INBOX_RETENTION_SECONDS", 7 * 24 * 3600.0, minimum=1.0
             ),
             purge_interval=env.float("REPLY_INBOX_PURGE_INTERVAL_SECONDS", 300.0, minimum=1.0),
+            saga_retention=env.float("SAGA_RETENTION_SECONDS", 0.0, minimum=0.0),
             metrics_port=env.int("METRICS_PORT", 0),
             metrics_interval=env.float("METRICS_INTERVAL", 5.0, minimum=0.1),
             long_running_seconds=env.float("METRICS_LONG_RUNNING_SECONDS", 300.0),

@@ -21,6 +21,7 @@ from orchestrator import (
     UnknownSagaError,
 )
 from orchestrator.machine import command_id
+from orchestrator.service import ReplyConsumer
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import OutboxWriter, outbox
@@ -348,3 +349,60 @@ def test_old_reply_ids_are_purged_and_a_late_duplicate_still_changes_nothing(
     after = orch.get(saga_id)
     assert after.row.revision == before.row.revision and after.history == before.history
     assert count(engine, outbox) == 2
+
+
+def test_finished_sagas_past_their_retention_are_purged_with_their_history(
+    orch: Orchestrator, engine: Engine, clock: Clock
+) -> None:
+    ids = {status: orch.start("order", DATA) for status in ("completed", "compensated", "failed")}
+    running = orch.start("order", DATA)
+    recent = orch.start("order", DATA)
+    with engine.begin() as conn:
+        # As if they had ended (or parked) eight days ago; 'recent' ended just now.
+        for status, saga_id in ids.items():
+            conn.execute(
+                text(
+                    "UPDATE sagabox.saga SET status = :status,"
+                    " updated_at = now() - interval '8 days' WHERE id = :id"
+                ),
+                {"status": status, "id": saga_id},
+            )
+        conn.execute(
+            text("UPDATE sagabox.saga SET updated_at = now() - interval '8 days' WHERE id = :id"),
+            {"id": running},
+        )
+        conn.execute(
+            text("UPDATE sagabox.saga SET status = 'completed' WHERE id = :id"), {"id": recent}
+        )
+    clock.now = time.time()
+    assert count(engine, history) == 5
+    assert orch.purge_finished(7 * 24 * 3600, limit=1) == 1  # oldest first, in slices
+    assert orch.purge_finished(7 * 24 * 3600) == 1
+    assert orch.purge_finished(7 * 24 * 3600) == 0
+    with engine.connect() as conn:
+        left = set(conn.execute(select(saga.c.id)).scalars())
+        kept_history = set(conn.execute(select(history.c.saga_id)).scalars())
+    # A parked saga waits for an operator and a running one for its replies, whatever
+    # their age; a saga that ended recently stays for its retention.
+    assert left == {ids["failed"], running, recent} == kept_history
+    with pytest.raises(UnknownSagaError):
+        orch.get(ids["completed"])
+
+
+def test_the_orchestrator_service_purges_a_backlog_in_slices(
+    orch: Orchestrator, engine: Engine
+) -> None:
+    for _ in range(3):
+        orch.start("order", DATA)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE sagabox.saga SET status = 'completed',"
+                " updated_at = now() - interval '2 days'"
+            )
+        )
+    consumer = ReplyConsumer(orch, "amqp://unused", "replies", saga_retention=24 * 3600)
+    assert consumer._purge_sagas(batch=1, batches=2) is True  # a slice; more to come
+    assert count(engine, saga) == 1
+    assert consumer._purge_sagas(batch=1, batches=2) is False
+    assert count(engine, saga) == 0 and count(engine, history) == 0

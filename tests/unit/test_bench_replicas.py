@@ -96,3 +96,21 @@ def test_the_bench_runs_sagabox_ups_processes_n_of_each_with_its_settings(tmp_pa
     worker = next(p for p in processes if p.name == "payment-2")
     assert list(worker.argv[-3:]) == ["participants.examples.payment", "--threads", "3"]
     assert worker.env["SAGABOX_PARTICIPANT_DATABASE_URL"] == bench.url("payment")
+
+
+def test_the_growth_lines_say_what_the_retention_job_did() -> None:
+    empty = system("sagabox", 80, 20)
+    full = system("sagabox+preload", 76, 21)
+    full.retention = {
+        "purged": 1_000_000,
+        "seconds": 42.5,
+        "sagabox.saga rows": 620,
+        "sagabox.saga_history rows": 3_100,
+    }
+    text = render(Report(Options(preload=1_000_000), [empty, full]))
+    assert "growth: 1,000,000 finished sagas preloaded: 76.0 sagas/s vs 80.0 empty" in text
+    assert (
+        "retention job (sagas ended over 1 h ago): purged 1,000,000 sagas with their history"
+        " in 42.5 s; rows left: sagabox.saga 620, sagabox.saga_history 3,100"
+    ) in text
+    assert SystemResult.from_json(full.to_json()).retention == full.retention

@@ -79,6 +79,7 @@ def test_tls_urls_reach_every_component_unchanged() -> None:
         ("SAGABOX_RELAY_CONFIRM_TIMEOUT", "0", "relay"),
         ("SAGABOX_PARTICIPANT_THREADS", "0", "participant"),
         ("SAGABOX_INBOX_RETENTION_SECONDS", "forever", "participant"),
+        ("SAGABOX_SAGA_RETENTION_SECONDS", "-1", "orchestrator"),
     ],
 )
 def test_a_bad_value_is_one_error_naming_its_variable_and_no_secret(
@@ -139,3 +140,9 @@ def test_sagabox_up_passes_urls_through_the_environment_never_argv() -> None:
     for spec in specs(UpConfig.from_env(env, Replicas(2, 2, 2))):
         assert not any(SECRET in arg for arg in spec.argv), spec.argv
         assert any(SECRET in value for value in spec.env.values()), spec.name
+
+
+def test_finished_sagas_are_kept_unless_a_retention_is_set() -> None:
+    assert OrchestratorSettings.from_env(Env({})).saga_retention == 0
+    env = Env({"SAGABOX_SAGA_RETENTION_SECONDS": "2592000"})
+    assert OrchestratorSettings.from_env(env).saga_retention == 30 * 24 * 3600
