@@ -131,6 +131,10 @@ class Saga:
     steps: Sequence[Step | Parallel]
     input: Mapping[str, FieldType] = field(default_factory=dict)
     description: str = ""
+    # Seconds within which a saga of this definition should end. Past it the saga goes
+    # on (steps have their own timeouts) but counts in sagabox_sagas_long_running, the
+    # gauge to alert on; None: SAGABOX_METRICS_LONG_RUNNING_SECONDS.
+    deadline: float | None = None
 
     @property
     def stages(self) -> tuple[tuple[Step, ...], ...]:

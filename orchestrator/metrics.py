@@ -9,7 +9,7 @@ sharing a database and across restarts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from orchestrator.definition import Saga
 from orchestrator.engine import Outcome
 
 log = structlog.get_logger("sagabox.orchestrator")
@@ -62,15 +63,19 @@ def record_outcomes(outcomes: Sequence[Outcome], undecodable: int = 0) -> None:
 
 
 # One row per (saga, version, status); long-running counts running/compensating sagas
-# created before the threshold.
+# created longer ago than their definition's deadline (else the default threshold).
 SAGA_COUNTS = text(
     """
-    SELECT name, version, status, count(*) AS total,
-           count(*) FILTER (WHERE status IN ('running', 'compensating')
-                            AND created_at < now() - make_interval(secs => :threshold))
+    SELECT s.name, s.version, s.status, count(*) AS total,
+           count(*) FILTER (WHERE s.status IN ('running', 'compensating')
+                            AND s.created_at < now()
+                                - make_interval(secs => coalesce(d.deadline, :threshold)))
              AS long_running
-    FROM sagabox.saga
-    GROUP BY name, version, status
+    FROM sagabox.saga s
+    LEFT JOIN unnest(CAST(:names AS text[]), CAST(:versions AS int[]),
+                     CAST(:deadlines AS float8[])) AS d (name, version, deadline)
+           ON d.name = s.name AND d.version = s.version
+    GROUP BY s.name, s.version, s.status
     """
 )
 
@@ -84,11 +89,28 @@ class SagaCount:
     long_running: int
 
 
-def saga_counts(engine: Engine, long_running_after: float) -> list[SagaCount]:
-    """Sagas per (name, version, status) as the database has them now."""
+def saga_counts(
+    engine: Engine,
+    long_running_after: float,
+    deadlines: Mapping[tuple[str, int], float] | None = None,
+) -> list[SagaCount]:
+    """Sagas per (name, version, status) as the database has them now; ``deadlines``:
+    (name, version) -> seconds, the definitions' own, in place of ``long_running_after``."""
+    keys = list(deadlines or {})
+    params = {
+        "threshold": long_running_after,
+        "names": [name for name, _ in keys],
+        "versions": [version for _, version in keys],
+        "deadlines": [float((deadlines or {})[key]) for key in keys],
+    }
     with engine.connect() as conn:
-        rows = conn.execute(SAGA_COUNTS, {"threshold": long_running_after}).all()
+        rows = conn.execute(SAGA_COUNTS, params).all()
     return [SagaCount(r.name, r.version, r.status, r.total, r.long_running) for r in rows]
+
+
+def deadlines(definitions: Iterable[Saga]) -> dict[tuple[str, int], float]:
+    """(name, version) -> deadline, for the definitions that set one."""
+    return {(d.name, d.version): d.deadline for d in definitions if d.deadline is not None}
 
 
 @dataclass(eq=False)  # hashable: the registry keys collectors by identity
@@ -99,12 +121,13 @@ class SagaGauges(Collector):
     engine: Engine
     interval: float = 5.0
     long_running_after: float = 300.0
+    deadlines: Mapping[tuple[str, int], float] = field(default_factory=dict)
     _snapshot: list[SagaCount] = field(default_factory=list, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
 
     def refresh(self) -> None:
         try:
-            self._snapshot = saga_counts(self.engine, self.long_running_after)
+            self._snapshot = saga_counts(self.engine, self.long_running_after, self.deadlines)
         except SQLAlchemyError as e:
             log.warning("saga_metrics_failed", error=str(e).splitlines()[0])
 
@@ -116,7 +139,8 @@ class SagaGauges(Collector):
         )
         long_running = GaugeMetricFamily(
             "sagabox_sagas_long_running",
-            "Running or compensating sagas older than SAGABOX_METRICS_LONG_RUNNING_SECONDS",
+            "Running or compensating sagas older than their definition's deadline "
+            "(default SAGABOX_METRICS_LONG_RUNNING_SECONDS)",
             labels=["saga", "version"],
         )
         late: dict[tuple[str, str], int] = {}

@@ -44,6 +44,8 @@ def _problems(saga: Saga) -> Iterator[str]:
                 f"input field {key!r}: type {type_!r} is not one of "
                 "str, int, float, bool, dict, list"
             )
+    if saga.deadline is not None and not _positive(saga.deadline):
+        yield f"deadline must be a positive number of seconds, got {saga.deadline!r}"
     if not saga.steps:
         yield "a saga needs at least one step"
         return

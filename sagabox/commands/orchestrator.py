@@ -13,7 +13,7 @@ from typing import Any
 import pika.exceptions
 
 from orchestrator.engine import Orchestrator
-from orchestrator.metrics import SagaGauges
+from orchestrator.metrics import SagaGauges, deadlines
 from orchestrator.service import ReplyConsumer
 from orchestrator.store import make_engine
 from outbox_relay.failpoints import Failpoints
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             engine,
             interval=settings.metrics_interval,
             long_running_after=settings.long_running_seconds,
+            deadlines=deadlines(orchestrator.registry),
         ).start()
         metrics.serve_metrics(settings.metrics_port)
     consumer.run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -16,11 +17,13 @@ from orchestrator import (
     InvalidInputError,
     Orchestrator,
     Registry,
+    Saga,
     SagaStatus,
     StepStatus,
     UnknownSagaError,
 )
 from orchestrator.machine import command_id
+from orchestrator.metrics import SagaGauges, deadlines
 from orchestrator.service import ReplyConsumer
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
@@ -406,3 +409,25 @@ def test_the_orchestrator_service_purges_a_backlog_in_slices(
     assert count(engine, saga) == 1
     assert consumer._purge_sagas(batch=1, batches=2) is False
     assert count(engine, saga) == 0 and count(engine, history) == 0
+
+
+def test_long_running_counts_sagas_past_their_definitions_deadline(
+    orch: Orchestrator, engine: Engine
+) -> None:
+    for _ in range(2):
+        orch.start("order", DATA)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE sagabox.saga SET created_at = now() - interval '10 minutes'"))
+    slow_order = dataclasses.replace(ORDER, deadline=300)  # 5 minutes: both are late
+
+    def late(definitions: list[Saga], default: float = 3600) -> int:
+        gauges = SagaGauges(engine, long_running_after=default, deadlines=deadlines(definitions))
+        gauges.refresh()
+        [_, long_running] = gauges.collect()
+        return int(sum(sample.value for sample in long_running.samples))
+
+    assert late([]) == 0  # the default threshold, an hour
+    assert late([ORDER]) == 0  # no deadline of its own
+    assert late([slow_order]) == 2
+    assert late([dataclasses.replace(slow_order, version=2)]) == 0  # another version's
+    assert late([], default=60) == 2
