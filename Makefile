@@ -1,5 +1,6 @@
 # Two commands for a newcomer: `make demo` and `make test` (see README.md).
 # Both create the virtualenv on first use and start PostgreSQL / RabbitMQ if they are down.
+# The otel extra is installed so that the OpenTelemetry tests run instead of skipping.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,otel]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
