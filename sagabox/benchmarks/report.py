@@ -108,12 +108,11 @@ def _growth(report: Report) -> list[str]:
             f"  {table:<22}{size / 2**20:>10.1f} MiB (empty run: "
             f"{empty.sizes.get(table, 0) / 2**20:.1f} MiB)"
         )
-    if full.retention:
-        r = full.retention
-        left = ", ".join(f"{k.removesuffix(' rows')} {v:,.0f}" for k, v in r.items() if "rows" in k)
+    if (r := full.retention) is not None:
+        left = ", ".join(f"{table} {rows:,}" for table, rows in r.rows_left.items())
         lines.append(
-            f"  retention job (sagas ended over 1 h ago): purged {r.get('purged', 0):,.0f} "
-            f"sagas with their history in {r.get('seconds', 0):.1f} s; rows left: {left}"
+            f"  retention job (sagas ended over 1 h ago): purged {r.purged:,} "
+            f"sagas with their history in {r.seconds:.1f} s; rows left: {left}"
         )
     return lines
 

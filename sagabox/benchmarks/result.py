@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,15 @@ class Measured:
         return value / self.run.count if self.run.count else float("nan")
 
 
+@dataclass(frozen=True)
+class Retention:
+    """What the orchestrator's retention job did after a growth run."""
+
+    purged: int
+    seconds: float
+    rows_left: dict[str, int]  # table -> rows
+
+
 @dataclass
 class SystemResult:
     name: str
@@ -32,8 +42,7 @@ class SystemResult:
     problems: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # table -> bytes after the run
     replicas: int = 1  # processes of each component (sagabox only; a peer is 1)
-    # Growth: what the retention job did after the run (purged, seconds, rows left).
-    retention: dict[str, float] = field(default_factory=dict)
+    retention: Retention | None = None  # growth runs only
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,7 +60,7 @@ class SystemResult:
             "problems": self.problems,
             "sizes": self.sizes,
             "replicas": self.replicas,
-            "retention": self.retention,
+            "retention": dataclasses.asdict(self.retention) if self.retention else None,
         }
 
     @classmethod
@@ -72,7 +81,7 @@ class SystemResult:
             list(raw["problems"]),
             dict(raw.get("sizes", {})),
             int(raw.get("replicas", 1)),
-            dict(raw.get("retention", {})),
+            Retention(**raw["retention"]) if raw.get("retention") else None,
         )
 
 

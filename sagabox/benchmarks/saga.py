@@ -32,7 +32,7 @@ from participants.examples.sagas import registry
 from sagabox.benchmarks import cpu, store, workload
 from sagabox.benchmarks.drive import Run, closed_loop, open_loop
 from sagabox.benchmarks.errors import BenchError
-from sagabox.benchmarks.result import Measured, SystemResult, unexpected
+from sagabox.benchmarks.result import Measured, Retention, SystemResult, unexpected
 from sagabox.supervisor import Supervisor
 from sagabox.up import DEFAULT_SAGAS, Replicas, UpConfig, specs
 
@@ -194,7 +194,7 @@ class SagaboxBench:
             if preload:
                 name, config = f"{name}+preload", f"{config}, {preload:,} finished sagas preloaded"
             sizes = store.table_sizes(self.url("orchestrator"))
-            retention = self._retention() if preload else {}
+            retention = self._retention() if preload else None
             return SystemResult(
                 name, config, main, runs, opened, problems, sizes, replicas, retention
             )
@@ -239,7 +239,7 @@ class SagaboxBench:
             "poller backend": [poller.backend_pid],
         }
 
-    def _retention(self, keep: float = 3600.0) -> dict[str, float]:
+    def _retention(self, keep: float = 3600.0) -> Retention:
         """Run the orchestrator's retention job as `SAGABOX_SAGA_RETENTION_SECONDS=3600`
         would: the preloaded sagas ended a day ago and go; this run's stay."""
         engine = make_engine(self.url("orchestrator"), pool_size=1)
@@ -251,8 +251,7 @@ class SagaboxBench:
             seconds = time.perf_counter() - started
         finally:
             engine.dispose()
-        rows = store.row_counts(self.url("orchestrator"))
-        return {"purged": purged, "seconds": seconds, **{f"{t} rows": n for t, n in rows.items()}}
+        return Retention(purged, seconds, store.row_counts(self.url("orchestrator")))
 
     def _problems(
         self,

@@ -377,9 +377,16 @@ def test_finished_sagas_past_their_retention_are_purged_with_their_history(
         conn.execute(
             text("UPDATE sagabox.saga SET status = 'completed' WHERE id = :id"), {"id": recent}
         )
+        conn.execute(
+            text("UPDATE sagabox.saga SET updated_at = now() - interval '9 days' WHERE id = :id"),
+            {"id": ids["compensated"]},
+        )
     clock.now = time.time()
     assert count(engine, history) == 5
     assert orch.purge_finished(7 * 24 * 3600, limit=1) == 1  # oldest first, in slices
+    with pytest.raises(UnknownSagaError):
+        orch.get(ids["compensated"])
+    assert orch.get(ids["completed"]).state is not None
     assert orch.purge_finished(7 * 24 * 3600) == 1
     assert orch.purge_finished(7 * 24 * 3600) == 0
     with engine.connect() as conn:

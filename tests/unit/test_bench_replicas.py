@@ -8,7 +8,7 @@ import pytest
 
 from sagabox.benchmarks.drive import Run
 from sagabox.benchmarks.report import render, render_rounds
-from sagabox.benchmarks.result import Measured, SystemResult
+from sagabox.benchmarks.result import Measured, Retention, SystemResult
 from sagabox.benchmarks.run import Options, Report
 from sagabox.benchmarks.saga import SagaboxBench
 from sagabox.cli import build_parser
@@ -101,12 +101,9 @@ def test_the_bench_runs_sagabox_ups_processes_n_of_each_with_its_settings(tmp_pa
 def test_the_growth_lines_say_what_the_retention_job_did() -> None:
     empty = system("sagabox", 80, 20)
     full = system("sagabox+preload", 76, 21)
-    full.retention = {
-        "purged": 1_000_000,
-        "seconds": 42.5,
-        "sagabox.saga rows": 620,
-        "sagabox.saga_history rows": 3_100,
-    }
+    full.retention = Retention(
+        1_000_000, 42.5, {"sagabox.saga": 620, "sagabox.saga_history": 3_100}
+    )
     text = render(Report(Options(preload=1_000_000), [empty, full]))
     assert "growth: 1,000,000 finished sagas preloaded: 76.0 sagas/s vs 80.0 empty" in text
     assert (
