@@ -554,7 +554,7 @@ class Orchestrator:
             return Outcome(reply.message_id, row.id, "ignored", t.note)
 
     def _begin(self) -> AbstractContextManager[Connection]:
-        return _transaction(self.engine)
+        return _transaction(self.engine, self.outbox)
 
 
 def _history_row(
@@ -623,6 +623,10 @@ def _translated() -> Iterator[None]:
 
 
 @contextmanager
-def _transaction(engine: Engine) -> Iterator[Connection]:
-    with _translated(), engine.begin() as conn:
-        yield conn
+def _transaction(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
+    try:
+        with _translated(), engine.begin() as conn:
+            yield conn
+    except BaseException:
+        outbox.rolled_back()
+        raise

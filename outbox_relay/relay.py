@@ -12,13 +12,15 @@ anywhere before the commit leaves it to be published again (same message id).
 Wake-ups: a LISTEN connection per database turns the writers' NOTIFYs into
 claims after an empty claim or a claim of one row. A claim that found several rows
 (and drained the table) is followed by the next one ``active_poll_interval`` later,
-NOTIFYs or not, so that under load one claim gathers many writers' rows. While rows
-were seen in the last ``active_window`` seconds the dispatcher also polls after empty
-claims (busy writers debounce their NOTIFYs), doubling the interval after each empty
-claim up to ``active_poll_max_interval`` (no more than the writers' debounce, 50 ms),
-otherwise every ``idle_poll_interval``. A claim that came back empty while a batch
-was awaiting its confirms is repeated as soon as that batch's rows are deleted: the
-rows it skipped (later rows of the same correlation ids) are claimable from then on.
+NOTIFYs or not, so that under load one claim gathers many writers' rows. A busy
+writer skips NOTIFYs, but only for a while after one whose payload says
+``DEBOUNCING`` (outbox_relay.table.OutboxWriter); for ``active_window`` seconds after
+such a NOTIFY the dispatcher also polls after empty claims, doubling the interval
+after each one up to ``active_poll_max_interval``. Otherwise every row was announced,
+and it waits for a NOTIFY, with an ``idle_poll_interval`` fallback: at low load no
+claim comes back empty. A claim that came back empty while a batch was awaiting its
+confirms is repeated as soon as that batch's rows are deleted: the rows it skipped
+(later rows of the same correlation ids) are claimable from then on.
 
 Exceptions: pika and psycopg errors inside the loop are retried with backoff
 (and logged as ``relay_reconnecting``); those that escape become RelayError.
@@ -54,6 +56,7 @@ from outbox_relay.broker import (
 from outbox_relay.errors import RelayError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.store import AsyncConn, OutboxRow
+from outbox_relay.table import DEBOUNCING
 from outbox_relay.topology import Topology
 
 log = structlog.get_logger()
@@ -94,7 +97,9 @@ class RelayConfig:
     active_poll_interval: float = 0.01
     active_poll_max_interval: float = 0.05
     idle_poll_interval: float = 1.0
-    active_window: float = 1.0
+    # Seconds of polling after a DEBOUNCING NOTIFY: more than the writers'
+    # notify_interval (50 ms), plus the time from a write to its commit.
+    active_window: float = 0.2
     confirm_timeout: float = 30.0
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
@@ -113,9 +118,9 @@ class RelayConfig:
         )
 
 
-def poll_interval(config: RelayConfig, since_rows: float, empty_claims: int) -> float:
+def poll_interval(config: RelayConfig, debouncing: bool, empty_claims: int) -> float:
     """How long to wait for a NOTIFY before claiming again, after a drained claim."""
-    if since_rows >= config.active_window:
+    if not debouncing:
         return config.idle_poll_interval
     # A database that keeps answering "nothing" is polled less and less often.
     backoff = config.active_poll_interval * float(2 ** min(empty_claims, 10))
@@ -143,6 +148,8 @@ class Counters:
     published: int = 0
     retried: int = 0
     parked: int = 0
+    claims: int = 0
+    empty_claims: int = 0
 
 
 class DatabaseRelay:
@@ -167,7 +174,8 @@ class DatabaseRelay:
         self._stopping = stopping
         self._counters = counters
         self._wake = asyncio.Event()
-        self._last_rows = float("-inf")
+        # Until when unannounced rows may come (a writer's DEBOUNCING NOTIFY).
+        self._poll_until = float("-inf")
         self._empty_claims = 0  # in a row: each one doubles the active poll interval
         # When a claim last came back empty (see _finish).
         self._empty_claim_at = float("-inf")
@@ -219,7 +227,9 @@ class DatabaseRelay:
                 conn = await self._connection()
                 self._wake.clear()
                 rows = await store.claim(conn, self._config.batch_size)
+                self._counters.claims += 1
                 if not rows:
+                    self._counters.empty_claims += 1
                     await store.commit(conn)
                     self._idle.append(conn)
                     self._slots.release()
@@ -228,7 +238,6 @@ class DatabaseRelay:
                     await self._idle_wait(self._empty_claim_at)
                     attempt = 0
                     continue
-                self._last_rows = loop.time()
                 self._empty_claims = 0
                 confirms = await self._publish(channel, rows)
                 task = asyncio.create_task(self._finish(conn, rows, confirms))
@@ -238,7 +247,7 @@ class DatabaseRelay:
                 if len(rows) == 1:
                     # One row: rows come one at a time, so the next NOTIFY is the next
                     # row; claiming on it at once keeps each hop of a saga short.
-                    await self._idle_wait(self._last_rows)
+                    await self._idle_wait(loop.time())
                 elif len(rows) < self._config.batch_size:
                     # Rows come in bunches: claim again one poll interval later,
                     # whatever NOTIFYs come meanwhile, so that one batch (one claim,
@@ -264,7 +273,7 @@ class DatabaseRelay:
                 await wait_event(self._stopping, delay)
 
     async def _idle_wait(self, now: float) -> None:
-        timeout = poll_interval(self._config, now - self._last_rows, self._empty_claims)
+        timeout = poll_interval(self._config, now < self._poll_until, self._empty_claims)
         if not self._wake.is_set():
             await wait_event(self._wake, timeout)
 
@@ -474,9 +483,14 @@ class DatabaseRelay:
                             attempts=attempt,
                         )
                     attempt = 0
-                    self._wake.set()  # notifications may have been missed meanwhile
+                    # Notifications may have been missed meanwhile, DEBOUNCING ones too.
+                    loop = asyncio.get_running_loop()
+                    self._poll_until = loop.time() + self._config.active_window
+                    self._wake.set()
                     while True:
-                        async for _ in conn.notifies(timeout=self._config.idle_poll_interval):
+                        async for note in conn.notifies(timeout=self._config.idle_poll_interval):
+                            if note.payload == DEBOUNCING:
+                                self._poll_until = loop.time() + self._config.active_window
                             self._wake.set()
             except (psycopg.Error, OSError) as e:
                 attempt += 1

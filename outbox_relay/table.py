@@ -32,6 +32,9 @@ from sqlalchemy.engine import Connection
 
 SCHEMA = "sagabox"
 NOTIFY_CHANNEL = "sagabox_outbox"
+# The payload of a NOTIFY after which the writer may add rows without one for a while
+# (OutboxWriter): relays poll for SAGABOX_RELAY_ACTIVE_WINDOW seconds after it.
+DEBOUNCING = "debouncing"
 
 metadata = MetaData(schema=SCHEMA)
 
@@ -72,19 +75,26 @@ class OutboxWriter:
     """Adds rows to the outbox inside the caller's transaction and wakes the relays.
 
     NOTIFY takes a database-wide lock from the notifying commit until it ends, which
-    serialises every committing transaction that notifies. So a busy writer notifies
-    at most once per ``notify_interval`` seconds; a relay that was woken keeps polling
-    while it sees traffic, so a row written without a NOTIFY waits at most about one
-    interval (docs/architecture.md). A writer that wrote nothing for ``quiet_gap``
-    seconds notifies anyway: at low load each row then wakes the relay at once, which
-    is what keeps a saga's hops fast when nothing is queued behind them.
+    serialises every committing transaction that notifies. So a busy writer (rows less
+    than ``quiet_gap`` apart) notifies at most once per ``notify_interval`` seconds. It
+    says so first: it skips a NOTIFY only within ``notify_interval`` of one whose payload
+    is ``DEBOUNCING`` (sent while it was busy in the last ``busy_memory`` seconds), and
+    a relay keeps polling for a while after such a NOTIFY, so a row written without one
+    waits at most about one interval (docs/relay.md). A writer that has not been busy
+    lately notifies on every row with an empty payload: at low load the relay claims on
+    NOTIFYs alone, with no polling.
     """
 
     notify_interval: float = 0.05
     quiet_gap: float = 0.005
+    # How long after its last busy write a writer's NOTIFYs still say DEBOUNCING.
+    busy_memory: float = 1.0
     clock: Callable[[], float] = field(default=time.monotonic)
     _last_notify: float = field(default=float("-inf"), init=False)
     _last_write: float = field(default=float("-inf"), init=False)
+    _last_busy: float = field(default=float("-inf"), init=False)
+    # Whether the last NOTIFY announced DEBOUNCING (only then may a NOTIFY be skipped).
+    _debouncing: bool = field(default=False, init=False)
 
     def write(
         self,
@@ -130,19 +140,27 @@ class OutboxWriter:
             ctes += along.ctes()
             params.update(along.params)
         now = self.clock()
-        notify = (
-            now - self._last_notify >= self.notify_interval
-            or now - self._last_write >= self.quiet_gap
-        )
+        busy = now - self._last_write < self.quiet_gap
         self._last_write = now
-        if notify:
-            ctes.append(f"written AS ({insert})")
-            sql = f"WITH {', '.join(ctes)} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
-        else:
-            sql = f"WITH {', '.join(ctes)} {insert}" if ctes else insert
+        if busy:
+            self._last_busy = now
+            if self._debouncing and now - self._last_notify < self.notify_interval:
+                sql = f"WITH {', '.join(ctes)} {insert}" if ctes else insert
+                conn.exec_driver_sql(sql, params)
+                return
+        ctes.append(f"written AS ({insert})")
+        # A writer busy lately keeps saying so, so that it may skip its next NOTIFYs
+        # without first sending one more (each one serialises a commit).
+        debouncing = now - self._last_busy < self.busy_memory
+        payload = DEBOUNCING if debouncing else ""
+        sql = f"WITH {', '.join(ctes)} SELECT pg_notify('{NOTIFY_CHANNEL}', '{payload}')"
         conn.exec_driver_sql(sql, params)
-        if notify:
-            self._last_notify = now
+        self._last_notify, self._debouncing = now, debouncing
+
+    def rolled_back(self) -> None:
+        """The caller's transaction failed: its NOTIFY may never have gone out, so the
+        next write must not be skipped on the strength of it."""
+        self._last_notify, self._debouncing = float("-inf"), False
 
 
 @dataclass(frozen=True, slots=True)

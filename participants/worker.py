@@ -105,9 +105,15 @@ class Binding:
         self.failpoints("participant.after_commit_before_ack")
 
     def _transaction(self, envelope: Envelope, *, optimistic: bool) -> None:
-        with Session(self.engine) as session, session.begin():
-            self.participant.handle(session, envelope, writer=self.writer, optimistic=optimistic)
-            self.failpoints("participant.before_commit")
+        try:
+            with Session(self.engine) as session, session.begin():
+                self.participant.handle(
+                    session, envelope, writer=self.writer, optimistic=optimistic
+                )
+                self.failpoints("participant.before_commit")
+        except BaseException:
+            self.writer.rolled_back()
+            raise
 
     def reply_failure(self, envelope: Envelope, reason: str) -> None:
         """Best effort: tell the orchestrator that ``envelope`` was dead-lettered.

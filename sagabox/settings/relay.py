@@ -27,6 +27,7 @@ class RelaySettings:
     active_poll_interval: float = 0.01
     active_poll_max_interval: float = 0.05
     idle_poll_interval: float = 1.0
+    active_window: float = 0.2
     confirm_timeout: float = 30.0
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
@@ -55,6 +56,8 @@ class RelaySettings:
                 "RELAY_ACTIVE_POLL_MAX_INTERVAL", 0.05, minimum=0.001
             ),
             idle_poll_interval=env.float("RELAY_IDLE_POLL_INTERVAL", 1.0, minimum=0.01),
+            # Writers debounce NOTIFYs for 50 ms: a shorter window would strand rows.
+            active_window=env.float("RELAY_ACTIVE_WINDOW", 0.2, minimum=0.06),
             confirm_timeout=env.float("RELAY_CONFIRM_TIMEOUT", 30.0, minimum=0.1),
             retry_backoff=env.float("RELAY_RETRY_BACKOFF", 1.0),
             retry_backoff_max=env.float("RELAY_RETRY_BACKOFF_MAX", 300.0),
@@ -80,6 +83,7 @@ class RelaySettings:
             active_poll_interval=self.active_poll_interval,
             active_poll_max_interval=max(self.active_poll_max_interval, self.active_poll_interval),
             idle_poll_interval=self.idle_poll_interval,
+            active_window=self.active_window,
             confirm_timeout=self.confirm_timeout,
             retry_backoff=self.retry_backoff,
             retry_backoff_max=self.retry_backoff_max,

@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.relay import Relay, RelayConfig
+from outbox_relay.table import DEBOUNCING
 from outbox_relay.topology import Topology
 from tests import servers
 
@@ -118,8 +119,8 @@ def make_rows(
     return rows
 
 
-def write_rows(db_url: str, rows: Sequence[Row], *, notify: bool = True) -> None:
-    """Insert rows in one transaction (with a NOTIFY, like OutboxWriter)."""
+def write_rows(db_url: str, rows: Sequence[Row], *, notify: str | None = "") -> None:
+    """Insert rows in one transaction, with a NOTIFY of this payload (None: without)."""
     with psycopg.connect(db_url) as conn:
         with conn.cursor() as cur:
             cur.executemany(
@@ -128,8 +129,8 @@ def write_rows(db_url: str, rows: Sequence[Row], *, notify: bool = True) -> None
                 " VALUES (%s, %s, %s, %s, %s)",
                 [(m, c, d, b, Jsonb(h) if h is not None else None) for m, c, d, b, h in rows],
             )
-        if notify:
-            conn.execute("SELECT pg_notify('sagabox_outbox', '')")
+        if notify is not None:
+            conn.execute("SELECT pg_notify('sagabox_outbox', %s)", (notify,))
 
 
 def outbox_count(db_url: str, where: str = "true") -> int:
@@ -349,6 +350,43 @@ def test_a_row_behind_an_unconfirmed_one_goes_out_once_that_one_is_deleted(
         assert time.monotonic() - written < 5.0
         wait_until(lambda: outbox_count(db_url) == 0, 10, "the outbox to drain")
     assert [p.message_id for p, _ in consume(amqp_url, count=2)] == [first[0], second[0]]
+
+
+def test_rows_that_were_each_announced_are_claimed_with_no_empty_claim(
+    db_url: str, amqp_url: str
+) -> None:
+    # At low load every row comes with its NOTIFY: polling would only find nothing.
+    config = relay_config([db_url], amqp_url, idle_poll_interval=20.0)
+    with running_relay(config) as relay:
+        time.sleep(0.5)  # past the start's claims and the listener's catch-up window
+        before = replace(relay.counters)
+        for row in make_rows(10):
+            write_rows(db_url, [row])
+            time.sleep(0.03)
+        wait_until(lambda: published(amqp_url) == 10, 10, "the rows to be published")
+        wait_until(lambda: outbox_count(db_url) == 0, 10, "the outbox to drain")
+        claims = relay.counters.claims - before.claims
+        empty = relay.counters.empty_claims - before.empty_claims
+    assert claims >= 10
+    assert empty <= 1, f"{empty} of {claims} claims found nothing"
+
+
+def test_rows_a_debouncing_writer_did_not_announce_are_found_by_polling(
+    db_url: str, amqp_url: str
+) -> None:
+    # A busy OutboxWriter skips NOTIFYs for 50 ms after one that said DEBOUNCING; the
+    # relay polls meanwhile. The fallback poll here is 20 s away: only that polling
+    # can send the second row soon.
+    config = relay_config([db_url], amqp_url, idle_poll_interval=20.0)
+    with running_relay(config):
+        time.sleep(0.5)
+        first, second = make_rows(2)
+        write_rows(db_url, [first], notify=DEBOUNCING)
+        time.sleep(0.02)
+        write_rows(db_url, [second], notify=None)
+        written = time.monotonic()
+        wait_until(lambda: published(amqp_url) == 2, 10, "both rows to be published")
+        assert time.monotonic() - written < 2.0
 
 
 def test_an_unroutable_message_is_parked_and_others_still_flow(db_url: str, amqp_url: str) -> None:

@@ -145,7 +145,11 @@ def test_an_abandoned_channel_fails_its_batches_and_refuses_more() -> None:
 
 def test_the_active_poll_backs_off_on_empty_claims_up_to_the_writers_debounce() -> None:
     config = RelayConfig(database_urls=("postgresql://x/db",), amqp_url="amqp://x")
-    waits = [poll_interval(config, 0.2, empty) for empty in range(5)]
+    waits = [poll_interval(config, True, empty) for empty in range(5)]
     assert waits == [0.01, 0.02, 0.04, 0.05, 0.05]
-    assert poll_interval(config, 0.2, 10_000) == 0.05
-    assert poll_interval(config, 1.5, 0) == config.idle_poll_interval
+    assert poll_interval(config, True, 10_000) == 0.05
+
+
+def test_with_no_debouncing_writer_the_relay_waits_for_notifies() -> None:
+    config = RelayConfig(database_urls=("postgresql://x/db",), amqp_url="amqp://x")
+    assert poll_interval(config, False, 0) == config.idle_poll_interval

@@ -46,12 +46,13 @@ def test_relay_settings_from_env() -> None:
                 "SAGABOX_RELAY_BATCH_SIZE": "100",
                 "SAGABOX_QUORUM_QUEUES": "true",
                 "SAGABOX_QUORUM_DELIVERY_LIMIT": "3",
+                "SAGABOX_RELAY_ACTIVE_WINDOW": "0.5",
             }
         )
     )
     assert settings.database_urls == ("postgresql://u@h/a", "postgresql://u@h/b")
     config = settings.relay_config()
-    assert config.batch_size == 100
+    assert config.batch_size == 100 and config.active_window == 0.5
     assert config.topology.quorum and config.topology.delivery_limit == 3
 
 
@@ -62,6 +63,8 @@ def test_relay_settings_from_env() -> None:
         ("SAGABOX_AMQP_URL", "http://x"),
         ("SAGABOX_RELAY_BATCH_SIZE", "0"),
         ("SAGABOX_QUORUM_QUEUES", "maybe"),
+        # Shorter than the writers' 50 ms debounce: rows would wait for the idle poll.
+        ("SAGABOX_RELAY_ACTIVE_WINDOW", "0.05"),
     ],
 )
 def test_bad_relay_settings_name_the_variable(name: str, value: str) -> None:
