@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import subprocess
 import threading
 import time
 import uuid
@@ -26,13 +25,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import psycopg
 from sqlalchemy import create_engine
 
-from outbox_relay import store
+from outbox_relay import store, vhosts
 from outbox_relay.broker import ConfirmingChannel, Confirms, connect_amqp
 from outbox_relay.errors import RelayError
 from outbox_relay.message import Envelope, encode
@@ -306,21 +305,10 @@ def _database(
 
 
 @contextmanager
-def scratch_vhost(url: str | None, host: str = "127.0.0.1:5672") -> Iterator[str]:
+def scratch_vhost(url: str | None, host: str = vhosts.DEFAULT_HOST) -> Iterator[str]:
+    """``url``, or a vhost of the run's own (dropped afterwards) when it is None."""
     if url is not None:
         yield url
         return
-    name = f"sagabox_bench_{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", name)
-    try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{host}/{quote(name, safe='')}"
-    finally:
-        _rabbitmqctl("delete_vhost", name)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    try:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RelayError(f"rabbitmqctl {' '.join(args)} failed: {e}") from e
+    with vhosts.scratch("sagabox_bench", host) as scratch:
+        yield scratch

@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
@@ -45,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from orchestrator import Orchestrator, StoreError, make_engine
 from orchestrator import store as orchestrator_store
 from orchestrator.tables import saga
+from outbox_relay import vhosts
 from outbox_relay.errors import ConfigurationError
 from outbox_relay.table import pending_rows
 from participants.examples.checks import SagaOutcome, Seed, check
@@ -180,9 +180,7 @@ class Chaos:
         self.rng = random.Random(self.config.seed)
         base = self.config.admin_url.rpartition("/")[0]
         self.urls = {n: f"{base}/{self.config.prefix}_{n}" for n in ("orchestrator", *SERVICES)}
-        self.amqp_url = (
-            f"amqp://guest:guest@{self.config.amqp_host}/{quote(self.config.prefix, safe='')}"
-        )
+        self.amqp_url = vhosts.url(self.config.prefix, self.config.amqp_host)
 
     def run(self) -> Report:
         missing = [tool for tool in ("iptables", "pg_ctlcluster") if shutil.which(tool) is None]
@@ -277,7 +275,7 @@ class Chaos:
             faults.terminate_backends(self.config.admin_url, self.urls[name].rpartition("/")[2])
             self.say(f"fault: terminated the connections to {name}'s database")
         elif kind == "broker_disconnect":
-            faults.rabbitmqctl(
+            vhosts.rabbitmqctl(
                 "close_all_connections", "--vhost", self.config.prefix, "sagabox chaos"
             )
             self.say("fault: closed every broker connection")
@@ -360,7 +358,7 @@ class Chaos:
     def drop(self) -> None:
         """Remove the run's databases and vhost (a run keeps them to look at)."""
         self._drop_databases()
-        faults.rabbitmqctl("delete_vhost", self.config.prefix, check=False)
+        vhosts.delete(self.config.prefix)
 
     def _drop_databases(self) -> None:
         with psycopg.connect(self.config.admin_url, autocommit=True) as conn:
@@ -371,9 +369,7 @@ class Chaos:
     def _prepare(self) -> None:
         """Fresh databases and a fresh vhost, so the checks judge this run alone."""
         self._drop_databases()
-        faults.rabbitmqctl("delete_vhost", self.config.prefix, check=False)
-        faults.rabbitmqctl("add_vhost", self.config.prefix)
-        faults.rabbitmqctl("set_permissions", "-p", self.config.prefix, "guest", ".*", ".*", ".*")
+        vhosts.recreate(self.config.prefix)
 
 
 def _retrying(call: Callable[[], Any], timeout: float = 60.0) -> Any:

@@ -9,8 +9,6 @@ stops everything it started. Exit status 0 only when every check holds.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -18,7 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
@@ -28,7 +25,7 @@ import migrations
 from orchestrator import Orchestrator
 from orchestrator.store import make_engine
 from orchestrator.tables import saga as saga_table
-from outbox_relay.errors import ConfigurationError
+from outbox_relay import vhosts
 from participants.examples import SERVICES
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from participants.examples.sagas import registry
@@ -261,22 +258,8 @@ class Demo:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
                 )
-        subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", self.prefix], check=False, capture_output=True
-        )
+        vhosts.delete(self.prefix)
 
     def _recreate_vhost(self) -> str:
-        if shutil.which("rabbitmqctl") is None:
-            raise ConfigurationError("the demo needs rabbitmqctl to create its RabbitMQ vhost")
-        vhost = self.prefix
-        subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, check=False
-        )
-        for args in (
-            ["add_vhost", vhost],
-            ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        ):
-            subprocess.run(
-                ["rabbitmqctl", "-q", *args], capture_output=True, check=True, timeout=60
-            )
-        return f"amqp://guest:guest@{self.amqp_host}/{quote(vhost, safe='')}"
+        vhosts.recreate(self.prefix)
+        return vhosts.url(self.prefix, self.amqp_host)

@@ -44,10 +44,6 @@ def restart_postgres() -> None:
         )
 
 
-def rabbitmqctl(*args: str, check: bool = True) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=60)
-
-
 def iptables_available() -> bool:
     try:
         listing = subprocess.run(

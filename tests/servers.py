@@ -10,11 +10,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 
 import migrations
+from outbox_relay import vhosts
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
@@ -80,19 +80,16 @@ def database_from(template: str, prefix: str = "sagabox_test") -> Iterator[str]:
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=timeout
-    )
+    return vhosts.rabbitmqctl(*args, timeout=timeout)
 
 
 @contextmanager
 def vhost(prefix: str = "sagabox_test") -> Iterator[str]:
     """A fresh RabbitMQ vhost for the guest user; yields its AMQP URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    vhosts.recreate(name)
     try:
-        yield f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{quote(name, safe='')}"
+        yield vhosts.url(name, f"{AMQP_HOST}:{AMQP_PORT}")
     finally:
         ensure_services()
-        rabbitmqctl("delete_vhost", name)
+        vhosts.delete(name)

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import psycopg
 
 import migrations
-from outbox_relay.bench import outbox_row, raw_baseline, scratch_vhost
+from outbox_relay import vhosts
+from outbox_relay.bench import outbox_row, raw_baseline
 from outbox_relay.relay import RelayConfig
 from sagabox.benchmarks import store
 from sagabox.benchmarks.errors import BenchError
@@ -104,7 +105,7 @@ def pgbench(admin_url: str, clients: int, seconds: float, database: str) -> Pgbe
 def pika_rate(messages: int) -> float:
     """Messages/s of raw pika with pipelined confirms, on a scratch vhost."""
     rows = [outbox_row(i) for i in range(messages)]
-    with scratch_vhost(None) as amqp:
+    with vhosts.scratch("sagabox_bench") as amqp:
         config = RelayConfig(database_urls=(), amqp_url=amqp)
         seconds = asyncio.run(raw_baseline(amqp, config, rows))
     return messages / seconds

@@ -11,22 +11,19 @@ figures.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 from sqlalchemy import Engine
 
 import migrations
 from orchestrator import Orchestrator
 from orchestrator.store import make_engine
-from outbox_relay.errors import ConfigurationError
+from outbox_relay import vhosts
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from participants.examples.sagas import registry
 from sagabox.benchmarks import cpu, store, workload
@@ -305,28 +302,16 @@ class SagaboxBench:
         )
 
     def _vhost(self) -> str:
-        if shutil.which("rabbitmqctl") is None:
-            raise ConfigurationError("the benchmark needs rabbitmqctl to create its RabbitMQ vhost")
-        _rabbitmqctl("delete_vhost", self.prefix, check=False)
-        _rabbitmqctl("add_vhost", self.prefix)
-        _rabbitmqctl("set_permissions", "-p", self.prefix, "guest", ".*", ".*", ".*")
-        return f"amqp://guest:guest@{self.amqp_host}/{quote(self.prefix, safe='')}"
+        vhosts.recreate(self.prefix)
+        return vhosts.url(self.prefix, self.amqp_host)
 
     def drop(self) -> None:
         for name in ("orchestrator", *SERVICES, "accounting"):
             store.drop_database(self.admin_url, self.database(name))
-        _rabbitmqctl("delete_vhost", self.prefix, check=False)
+        vhosts.delete(self.prefix)
 
 
 def _processes(replicas: int) -> str:
     if replicas == 1:
         return f"relay + orchestrator + {len(SERVICES)} workers"
     return f"{replicas} relays + {replicas} orchestrators + {replicas} x {len(SERVICES)} workers"
-
-
-def _rabbitmqctl(*args: str, check: bool = True) -> None:
-    try:
-        subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, check=check, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        if check:
-            raise BenchError(f"rabbitmqctl {' '.join(args)} failed: {e}") from e
