@@ -127,6 +127,7 @@ class Binding:
             with Session(self.engine) as session, session.begin():
                 PostgresInbox(session, self.writer).send(reply, envelope.reply_to)
         except Exception:
+            self.writer.rolled_back()
             log.exception("error_reply_failed")
         else:
             log.info("error_reply_written", reply_id=reply.message_id, reply_type=reply.type)

@@ -362,13 +362,15 @@ def test_rows_that_were_each_announced_are_claimed_with_no_empty_claim(
         before = replace(relay.counters)
         for row in make_rows(10):
             write_rows(db_url, [row])
-            time.sleep(0.03)
+            time.sleep(0.1)
         wait_until(lambda: published(amqp_url) == 10, 10, "the rows to be published")
         wait_until(lambda: outbox_count(db_url) == 0, 10, "the outbox to drain")
         claims = relay.counters.claims - before.claims
         empty = relay.counters.empty_claims - before.empty_claims
     assert claims >= 10
-    assert empty <= 1, f"{empty} of {claims} claims found nothing"
+    # A NOTIFY that arrives while its row is claimed with the row before can cost one
+    # empty claim; polling would cost several per row (40 or so here).
+    assert empty <= 2, f"{empty} of {claims} claims found nothing"
 
 
 def test_rows_a_debouncing_writer_did_not_announce_are_found_by_polling(
@@ -376,8 +378,9 @@ def test_rows_a_debouncing_writer_did_not_announce_are_found_by_polling(
 ) -> None:
     # A busy OutboxWriter skips NOTIFYs for 50 ms after one that said DEBOUNCING; the
     # relay polls meanwhile. The fallback poll here is 20 s away: only that polling
-    # can send the second row soon.
-    config = relay_config([db_url], amqp_url, idle_poll_interval=20.0)
+    # can send the second row soon. (A window of 5 s, not 0.2: a slow machine may take
+    # longer than 0.2 s to open the second connection.)
+    config = relay_config([db_url], amqp_url, idle_poll_interval=20.0, active_window=5.0)
     with running_relay(config):
         time.sleep(0.5)
         first, second = make_rows(2)
