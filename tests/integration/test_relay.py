@@ -352,13 +352,24 @@ def test_a_row_behind_an_unconfirmed_one_goes_out_once_that_one_is_deleted(
     assert [p.message_id for p, _ in consume(amqp_url, count=2)] == [first[0], second[0]]
 
 
+def wait_quiet(relay: Relay, quiet: float = 0.5, timeout: float = 15.0) -> None:
+    """Until the relay has not claimed for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = relay.counters.claims, time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the relay kept claiming with nothing written"
+        time.sleep(0.05)
+        if relay.counters.claims != last:
+            last, since = relay.counters.claims, time.monotonic()
+
+
 def test_rows_that_were_each_announced_are_claimed_with_no_empty_claim(
     db_url: str, amqp_url: str
 ) -> None:
     # At low load every row comes with its NOTIFY: polling would only find nothing.
     config = relay_config([db_url], amqp_url, idle_poll_interval=20.0)
     with running_relay(config) as relay:
-        time.sleep(0.5)  # past the start's claims and the listener's catch-up window
+        wait_quiet(relay)  # past the start's claims and the listener's catch-up window
         before = replace(relay.counters)
         for row in make_rows(10):
             write_rows(db_url, [row])
@@ -381,8 +392,8 @@ def test_rows_a_debouncing_writer_did_not_announce_are_found_by_polling(
     # can send the second row soon. (A window of 5 s, not 0.2: a slow machine may take
     # longer than 0.2 s to open the second connection.)
     config = relay_config([db_url], amqp_url, idle_poll_interval=20.0, active_window=5.0)
-    with running_relay(config):
-        time.sleep(0.5)
+    with running_relay(config) as relay:
+        wait_quiet(relay)
         first, second = make_rows(2)
         write_rows(db_url, [first], notify=DEBOUNCING)
         time.sleep(0.02)
