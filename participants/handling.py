@@ -17,7 +17,10 @@ find the tombstone and be refused with 'cancelled'.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 import structlog
@@ -35,7 +38,7 @@ from participants.replies import failed, reply_to, succeeded
 log = structlog.get_logger(__name__)
 
 # Prometheus metrics of the participant SDK (served by ``sagabox participant`` when
-# SAGABOX_METRICS_PORT is set). Counted inside the handling transaction.
+# SAGABOX_METRICS_PORT is set). A worker counts them once the transaction committed.
 HANDLED = Counter(
     "sagabox_participant_handled",
     "Commands and compensations handled (duplicates excluded), by the reply they got",
@@ -108,7 +111,7 @@ def _command(
                 first_message_id=existing.message_id,
                 reply_type=existing.reply.type,
             )
-            DUPLICATES.labels(service, envelope.kind, envelope.type).inc()
+            _duplicate(service, envelope)
         return existing.reply, None
     stored = _run(service, handler, session, envelope, inbox)
     _count(service, envelope, stored)
@@ -126,7 +129,7 @@ def _compensation(
             first_message_id=existing.message_id,
             reply_type=existing.reply.type,
         )
-        DUPLICATES.labels(service, envelope.kind, envelope.type).inc()
+        _duplicate(service, envelope)
         return existing.reply, None
     command_key = InboxKey(envelope.correlation_id, envelope.step, "command")
     command = inbox.claim(command_key, envelope.message_id, status="tombstone", reply=CANCELLED)
@@ -152,7 +155,44 @@ def _compensation(
 
 
 def _count(service: str, envelope: Envelope, stored: StoredReply) -> None:
-    HANDLED.labels(service, envelope.kind, envelope.type, stored.type).inc()
+    _record(HANDLED.labels(service, envelope.kind, envelope.type, stored.type).inc)
+
+
+def _duplicate(service: str, envelope: Envelope) -> None:
+    _record(DUPLICATES.labels(service, envelope.kind, envelope.type).inc)
+
+
+# Inside on_commit(): metric updates wait for the transaction's commit, so that a
+# transaction rolled back and redone (a batch, a refusal without savepoint) counts once.
+_deferred: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "sagabox_deferred_metrics", default=None
+)
+
+
+def _record(update: Callable[[], None]) -> None:
+    pending = _deferred.get()
+    if pending is None:
+        update()
+    else:
+        pending.append(update)
+
+
+@contextmanager
+def on_commit() -> Iterator[Callable[[], None]]:
+    """Hold the metric updates of the handling in this block; call what it yields once
+    the transaction committed (leaving the block without calling it drops them)."""
+    pending: list[Callable[[], None]] = []
+    token = _deferred.set(pending)
+
+    def committed() -> None:
+        for update in pending:
+            update()
+        pending.clear()
+
+    try:
+        yield committed
+    finally:
+        _deferred.reset(token)
 
 
 def _run(
@@ -182,7 +222,8 @@ def _run(
         return failed(reason)
     finally:
         if started is not None:
-            HANDLER_SECONDS.labels(service, envelope.type).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            _record(partial(HANDLER_SECONDS.labels(service, envelope.type).observe, elapsed))
     log.info(f"{handler.action}_applied")
     if handler.action == "compensation":
         return StoredReply("compensated", {})

@@ -99,6 +99,31 @@ class Rejected(SkipMessage):
     """Raised by the middleware to dead-letter a message that breaks the contract."""
 
 
+def reject(binding: Binding, message: MessageProxy, error: MessageError) -> Rejected:
+    """Log and count a message whose envelope breaks the contract, and fail it: it is
+    nacked, and RabbitMQ moves it to ``<queue>.XQ``. Returns the exception that says so."""
+    log.error(
+        "message_rejected",
+        service=binding.participant.name,
+        message_id=message.message_id,
+        queue=message.queue_name,
+        actor=message.actor_name,
+        reason=str(error),
+        dead_letter_queue=xq_name(message.queue_name),
+    )
+    message.fail()
+    DEAD_LETTERED.labels(binding.participant.name, "rejected").inc()
+    rejected = Rejected(str(error))
+    message.stuff_exception(rejected)
+    return rejected
+
+
+def redelivered(binding: Binding) -> None:
+    """A delivery RabbitMQ made before was never acked: the inbox decides."""
+    log.info("message_redelivered")
+    REDELIVERED.labels(binding.participant.name).inc()
+
+
 class ParticipantMiddleware(Middleware):
     """Message context, early rejection and dead-letter reporting for bound participants."""
 
@@ -118,25 +143,11 @@ class ParticipantMiddleware(Middleware):
         try:
             envelope = binding.parse(message.args, message.kwargs)
         except MessageError as e:
-            log.error(
-                "message_rejected",
-                service=binding.participant.name,
-                message_id=message.message_id,
-                queue=message.queue_name,
-                actor=message.actor_name,
-                reason=str(e),
-                dead_letter_queue=xq_name(message.queue_name),
-            )
-            # A failed message is nacked, and RabbitMQ moves it to <queue>.XQ.
-            message.fail()
-            DEAD_LETTERED.labels(binding.participant.name, "rejected").inc()
-            raise Rejected(str(e)) from e
+            raise reject(binding, message, e) from e
         parsed.raw, parsed.envelope = message.args[0], envelope
         bind_contextvars(**log_context(binding.participant.name, envelope))
         if getattr(message, "redelivered", False):
-            # A delivery RabbitMQ made before was never acked: the inbox decides.
-            log.info("message_redelivered")
-            REDELIVERED.labels(binding.participant.name).inc()
+            redelivered(binding)
 
     def after_process_message(
         self,

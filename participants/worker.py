@@ -27,15 +27,17 @@ from dramatiq.middleware import Retries
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from structlog.contextvars import bound_contextvars
 
 from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
+from participants.batching import BatchWorker
 from participants.broker import ParticipantBroker
 from participants.errors import DefinitionError, SavepointNeeded
-from participants.handling import resolve
+from participants.handling import on_commit, resolve
 from participants.middleware import ParticipantMiddleware, parsed
 from participants.participant import Participant
 from participants.replies import reply_to, technical_failure
@@ -44,6 +46,7 @@ from participants.store import PostgresInbox, purge_inbox
 log = structlog.get_logger(__name__)
 
 DEFAULT_RETENTION = timedelta(days=7)
+WORKERS = ("batch", "threads")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,25 +98,45 @@ class Binding:
             envelope = parsed.take(args[0])
         if envelope is None:
             envelope = self.parse(args, kwargs)
-        try:
-            self._transaction(envelope, optimistic=True)
-        except SavepointNeeded:
-            # Refused: the rolled-back attempt had no savepoint to keep the inbox row
-            # and the 'failed' reply while undoing the handler's effects.
-            self._transaction(envelope, optimistic=False)
+        self.apply([envelope])
         # dramatiq acks once this returns (after the middleware's after-hooks).
         self.failpoints("participant.after_commit_before_ack")
 
-    def _transaction(self, envelope: Envelope, *, optimistic: bool) -> None:
-        try:
-            with Session(self.engine) as session, session.begin():
-                self.participant.handle(
-                    session, envelope, writer=self.writer, optimistic=optimistic
-                )
-                self.failpoints("participant.before_commit")
-        except BaseException:
-            self.writer.rolled_back()
-            raise
+    def apply(
+        self,
+        envelopes: Sequence[Envelope],
+        contexts: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Handle ``envelopes`` in one transaction, or raise and apply none of them.
+
+        Handlers run without a savepoint first; one that refuses (BusinessFailure) needs
+        one to keep its inbox row and 'failed' reply while its effects are undone, so the
+        transaction is rolled back and redone with a savepoint for that envelope only.
+        ``contexts``: the log context of each envelope, bound while it is handled.
+        """
+        savepoints: set[int] = set()
+        while True:
+            index = 0
+            try:
+                with on_commit() as committed:
+                    with Session(self.engine) as session, session.begin():
+                        for index, envelope in enumerate(envelopes):
+                            with bound_contextvars(**(contexts[index] if contexts else {})):
+                                self.participant.handle(
+                                    session,
+                                    envelope,
+                                    writer=self.writer,
+                                    optimistic=index not in savepoints,
+                                )
+                        self.failpoints("participant.before_commit")
+                    committed()
+                return
+            except SavepointNeeded:
+                self.writer.rolled_back()
+                savepoints.add(index)
+            except BaseException:
+                self.writer.rolled_back()
+                raise
 
     def reply_failure(self, envelope: Envelope, reason: str) -> None:
         """Best effort: tell the orchestrator that ``envelope`` was dead-lettered.
@@ -222,6 +245,9 @@ class WorkerConfig:
 
     database_url: str
     amqp_url: str
+    # "batch": participants.batching.BatchWorker; "threads": dramatiq's Worker.
+    worker: str = "batch"
+    batch_size: int = 32
     threads: int = 8
     retention: timedelta = DEFAULT_RETENTION
     purge_interval: float = 300.0
@@ -269,11 +295,23 @@ def build(
 
 def run(participants: Sequence[Participant], config: WorkerConfig, stop: threading.Event) -> None:
     """Consume the participants' queues until ``stop`` is set, then shut down cleanly."""
+    if config.worker not in WORKERS:
+        raise ValueError(f"worker must be one of {WORKERS}, got {config.worker!r}")
     broker, engine = build(participants, config)
-    worker = Worker(broker, worker_threads=config.threads)
+    worker: Worker | BatchWorker
+    if config.worker == "batch":
+        worker = BatchWorker(broker, batch_size=config.batch_size)
+    else:
+        worker = Worker(broker, worker_threads=config.threads)
     worker.start()
     queues = sorted(p.name for p in participants)
-    log.info("participant_worker_started", queues=queues, threads=config.threads)
+    log.info(
+        "participant_worker_started",
+        queues=queues,
+        worker=config.worker,
+        threads=config.threads if config.worker == "threads" else 1,
+        batch_size=config.batch_size if config.worker == "batch" else 1,
+    )
     try:
         stop.wait()
     finally:

@@ -30,6 +30,7 @@ from sagabox.benchmarks import cpu, store, workload
 from sagabox.benchmarks.drive import Run, closed_loop, open_loop
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.result import Measured, Retention, SystemResult, unexpected
+from sagabox.settings.participant import ParticipantSettings
 from sagabox.supervisor import Supervisor
 from sagabox.up import DEFAULT_SAGAS, Replicas, UpConfig, specs
 
@@ -186,7 +187,7 @@ class SagaboxBench:
                 problems += unexpected(r, workload.expected)
             if dead:
                 problems.append(f"processes died during the run: {dead}")
-            config = f"{_processes(replicas)} x {self.threads} threads, log level {self.log_level}"
+            config = f"{_processes(replicas)} ({_worker(self.threads)}), log level {self.log_level}"
             name = "sagabox" if replicas == 1 else f"sagabox x{replicas}"
             if preload:
                 name, config = f"{name}+preload", f"{config}, {preload:,} finished sagas preloaded"
@@ -315,3 +316,10 @@ def _processes(replicas: int) -> str:
     if replicas == 1:
         return f"relay + orchestrator + {len(SERVICES)} workers"
     return f"{replicas} relays + {replicas} orchestrators + {replicas} x {len(SERVICES)} workers"
+
+
+def _worker(threads: int) -> str:
+    settings = ParticipantSettings.from_env()
+    if settings.worker == "batch":
+        return f"batch worker, up to {settings.batch_size} commands per transaction"
+    return f"threads worker, {threads} threads"

@@ -1,5 +1,5 @@
-"""``sagabox participant MODULE``: run the participant(s) MODULE declares as a dramatiq
-worker until SIGTERM (settings: SAGABOX_PARTICIPANT_*, see docs/participants.md).
+"""``sagabox participant MODULE``: run the participant(s) MODULE declares, on dramatiq's
+broker, until SIGTERM (settings: SAGABOX_PARTICIPANT_*, see docs/participants.md).
 
 ``--check`` only checks: the database answers and its schema is at the head of the
 ``participant`` and ``outbox`` branches, and RabbitMQ answers (exit 0, else 1)."""
@@ -27,14 +27,18 @@ BRANCHES = ("outbox", "participant")
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "participant",
-        help="run a participant service's dramatiq worker (see docs/participants.md)",
+        help="run a participant service's worker (see docs/participants.md)",
         description=__doc__,
     )
     parser.add_argument(
         "module", help="the module declaring the Participant(s), e.g. participants.examples.payment"
     )
     parser.add_argument("--processes", type=int, help="worker processes (default 1)")
-    parser.add_argument("--threads", type=int, help="worker threads per process (default 8)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="threads per process of the threads worker (default 8; the batch worker has one)",
+    )
     parser.add_argument("--log-file", help="also write JSON log lines to this file")
     parser.add_argument(
         "--metrics-port",

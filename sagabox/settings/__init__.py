@@ -81,6 +81,16 @@ class Env:
             return False
         raise ConfigurationError(f"{PREFIX}{name} must be true or false, got {value!r}")
 
+    def choice(
+        self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]
+    ) -> builtins.str:
+        value = self.str(name, default).strip().lower()
+        if value not in choices:
+            raise ConfigurationError(
+                f"{PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}"
+            )
+        return value
+
     def list(
         self, name: builtins.str, default: builtins.list[builtins.str] | None = None
     ) -> builtins.list[builtins.str]:

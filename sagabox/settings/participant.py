@@ -3,7 +3,11 @@
 SAGABOX_PARTICIPANT_DATABASE_URL     the participant's own database (inbox, outbox, tables)
 SAGABOX_AMQP_URL                     RabbitMQ
 SAGABOX_PARTICIPANT_PROCESSES        worker processes (default 1)
-SAGABOX_PARTICIPANT_THREADS          worker threads per process (default 8)
+SAGABOX_PARTICIPANT_WORKER           batch (default): one thread handles the commands
+                                     waiting in one transaction; threads: dramatiq's
+                                     Worker, a transaction per command on each thread
+SAGABOX_PARTICIPANT_BATCH_SIZE       most commands per transaction (batch; default 32)
+SAGABOX_PARTICIPANT_THREADS          worker threads per process (threads; default 8)
 SAGABOX_PARTICIPANT_MAX_RETRIES      dramatiq retries of a technical failure (default 5)
 SAGABOX_PARTICIPANT_MIN_BACKOFF_MS   first retry delay (default 1000)
 SAGABOX_PARTICIPANT_MAX_BACKOFF_MS   longest retry delay (default 300000)
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT
-from participants.worker import RetryPolicy, WorkerConfig
+from participants.worker import WORKERS, RetryPolicy, WorkerConfig
 from sagabox.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Env, amqp_url, database_url
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
@@ -31,6 +35,8 @@ class ParticipantSettings:
     database_url: str
     amqp_url: str
     processes: int = 1
+    worker: str = "batch"
+    batch_size: int = 32
     threads: int = 8
     max_retries: int = 5
     min_backoff_ms: int = 1000
@@ -53,6 +59,8 @@ class ParticipantSettings:
             ),
             amqp_url=amqp_url(env.str("AMQP_URL", DEFAULT_AMQP_URL), "SAGABOX_AMQP_URL"),
             processes=env.int("PARTICIPANT_PROCESSES", 1, minimum=1),
+            worker=env.choice("PARTICIPANT_WORKER", "batch", WORKERS),
+            batch_size=env.int("PARTICIPANT_BATCH_SIZE", 32, minimum=1),
             threads=env.int("PARTICIPANT_THREADS", 8, minimum=1),
             max_retries=env.int("PARTICIPANT_MAX_RETRIES", 5),
             min_backoff_ms=env.int("PARTICIPANT_MIN_BACKOFF_MS", 1000, minimum=1),
@@ -76,6 +84,8 @@ class ParticipantSettings:
         return WorkerConfig(
             database_url=self.database_url,
             amqp_url=self.amqp_url,
+            worker=self.worker,
+            batch_size=self.batch_size,
             threads=self.threads,
             retention=timedelta(seconds=self.inbox_retention_seconds),
             purge_interval=self.inbox_purge_interval_seconds,

@@ -169,11 +169,11 @@ def test_rabbitmq_blackholed_then_refused(system: System) -> None:
 
 
 def test_compensation_overtakes_a_command_held_by_a_paused_participant(system: System) -> None:
-    # payment-1 takes at most 2 messages (1 thread, prefetch 2); a second replica
+    # payment-1 takes at most 2 messages (batches of 1, prefetch 2); a second replica
     # started later takes what the paused one has no room for.
     spec = system.specs["payment-1"]
-    argv = [*spec.argv[:-1], "1"]  # --threads 1
-    system.specs["payment-1"] = dataclasses.replace(spec, argv=argv)
+    env = {**spec.env, "SAGABOX_PARTICIPANT_BATCH_SIZE": "1"}
+    system.specs["payment-1"] = dataclasses.replace(spec, env=env)
     with running(system):
         system.specs["payment-2"] = dataclasses.replace(spec, name="payment-2")
         system.load(4)

@@ -11,7 +11,6 @@ from typing import Any
 
 import pika
 import pytest
-from dramatiq import Worker
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -24,8 +23,9 @@ from participants import worker as worker_module
 from participants.broker import ParticipantBroker
 from participants.examples import inventory
 from participants.testing import command
-from participants.worker import RetryPolicy
+from participants.worker import WORKERS, RetryPolicy
 from tests.corpus import command_corpus, reply_corpus
+from tests.integration.test_participant_worker import start_worker
 from tests.sagas import ORDER
 from tests.support import DATA, Clock, reply
 
@@ -115,9 +115,10 @@ VALID_COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+@pytest.mark.parametrize("kind", WORKERS)
 @pytest.mark.parametrize("service", sorted(VALID_COMMANDS))
 def test_a_participant_dead_letters_the_whole_corpus_and_keeps_going(
-    engine: Engine, amqp_url: str, service: str
+    engine: Engine, amqp_url: str, service: str, kind: str
 ) -> None:
     with Session(engine) as session, session.begin():
         inventory.add_stock(session, "apple", 10)
@@ -127,8 +128,7 @@ def test_a_participant_dead_letters_the_whole_corpus_and_keeps_going(
         broker, engine, retries=RetryPolicy(max_retries=1, min_backoff_ms=10, max_backoff_ms=50)
     )
     broker.declare_queue(service, ensure=True)
-    worker = Worker(broker, worker_threads=2, worker_timeout=100)
-    worker.start()
+    worker = start_worker(kind, broker)
     try:
         actor, payload = VALID_COMMANDS[service]
         corpus = command_corpus(service, actor)

@@ -21,10 +21,11 @@ from outbox_relay.message import Envelope, decode, encode
 from outbox_relay.table import outbox
 from outbox_relay.topology import Topology
 from participants import BusinessFailure, Context, Participant, Payload
+from participants.batching import BatchWorker
 from participants.broker import ParticipantBroker
 from participants.tables import command_inbox
 from participants.testing import command
-from participants.worker import RetryPolicy
+from participants.worker import WORKERS, RetryPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -76,16 +77,31 @@ def logs() -> Iterator[list[MutableMapping[str, Any]]]:
         yield captured
 
 
-@pytest.fixture
-def worker(engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]) -> Iterator[Worker]:
+def start_worker(kind: str, broker: ParticipantBroker) -> Worker | BatchWorker:
+    """dramatiq's Worker ("threads") or sagabox's BatchWorker ("batch"), started."""
+    worker: Worker | BatchWorker
+    if kind == "batch":
+        worker = BatchWorker(broker, batch_size=8, idle_timeout=0.05)
+    else:
+        worker = Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    return worker
+
+
+@pytest.fixture(params=WORKERS)
+def worker(
+    request: pytest.FixtureRequest,
+    engine: Engine,
+    amqp_url: str,
+    logs: list[MutableMapping[str, Any]],
+) -> Iterator[Worker | BatchWorker]:
     boom_calls.clear()
     broker = ParticipantBroker(url=amqp_url)
     flaky.bind(
         broker, engine, retries=RetryPolicy(max_retries=2, min_backoff_ms=50, max_backoff_ms=200)
     )
     broker.declare_queue(QUEUE, ensure=True)
-    worker = Worker(broker, worker_threads=2, worker_timeout=100)
-    worker.start()
+    worker = start_worker(request.param, broker)
     yield worker
     worker.stop()
     broker.close()
@@ -134,7 +150,10 @@ def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
 
 
 def test_a_command_from_rabbitmq_is_answered_with_its_context_logged(
-    worker: Worker, engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+    worker: Worker | BatchWorker,
+    engine: Engine,
+    amqp_url: str,
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
     cmd = command("flaky_ok", step="s1", attempt=2)
     publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_ok"))
@@ -154,7 +173,10 @@ def test_a_command_from_rabbitmq_is_answered_with_its_context_logged(
 
 
 def test_a_technical_failure_is_retried_then_dead_lettered_with_an_error_reply(
-    worker: Worker, engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+    worker: Worker | BatchWorker,
+    engine: Engine,
+    amqp_url: str,
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
     cmd = command("flaky_boom")
     publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_boom"))
@@ -173,7 +195,10 @@ def test_a_technical_failure_is_retried_then_dead_lettered_with_an_error_reply(
 
 
 def test_unparsable_messages_are_dead_lettered_at_once_and_the_worker_goes_on(
-    worker: Worker, engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+    worker: Worker | BatchWorker,
+    engine: Engine,
+    amqp_url: str,
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
     publish(amqp_url, b"\xff this is not JSON")
     publish(
@@ -190,6 +215,8 @@ def test_unparsable_messages_are_dead_lettered_at_once_and_the_worker_goes_on(
     wait_for(lambda: dead_letters(amqp_url) == 3)
     wait_for(lambda: len(replies(engine, good.correlation_id)) == 1)
     rejected = [e for e in logs if e["event"] == "message_rejected"]
+    if isinstance(worker, BatchWorker):  # dramatiq's consumer logs it unstructured
+        assert rejected.pop(0)["reason"].startswith("not a dramatiq message")
     assert len(rejected) == 2
     assert "'attempt' must be an integer >= 1" in rejected[0]["reason"]
     assert "no_such_command" in rejected[1]["reason"]
@@ -212,7 +239,7 @@ def test_unparsable_messages_are_dead_lettered_at_once_and_the_worker_goes_on(
     ids=["options-null", "options-str", "kwargs-list", "actor-int", "bad-eta"],
 )
 def test_malformed_dramatiq_fields_are_dead_lettered(
-    worker: Worker, engine: Engine, amqp_url: str, fields: dict[str, Any]
+    worker: Worker | BatchWorker, engine: Engine, amqp_url: str, fields: dict[str, Any]
 ) -> None:
     message = {
         "queue_name": QUEUE,
@@ -230,8 +257,9 @@ def test_malformed_dramatiq_fields_are_dead_lettered(
     wait_for(lambda: len(replies(engine, good.correlation_id)) == 1)
 
 
+@pytest.mark.parametrize("kind", WORKERS)
 def test_quorum_queues_declared_by_the_relay_are_consumed(
-    engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]]
+    engine: Engine, amqp_url: str, logs: list[MutableMapping[str, Any]], kind: str
 ) -> None:
     topology = Topology(quorum=True, delivery_limit=5)
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
@@ -246,8 +274,7 @@ def test_quorum_queues_declared_by_the_relay_are_consumed(
     broker = ParticipantBroker(url=amqp_url, topology=topology)
     flaky.bind(broker, engine, retries=RetryPolicy(max_retries=0))
     broker.declare_queue(QUEUE, ensure=True)  # would be PRECONDITION_FAILED if args differed
-    worker = Worker(broker, worker_threads=1, worker_timeout=100)
-    worker.start()
+    worker = start_worker(kind, broker)
     try:
         good, bad = command("flaky_ok"), command("flaky_boom")
         publish(amqp_url, encode(good, queue=QUEUE, actor="flaky_ok"))
@@ -260,7 +287,7 @@ def test_quorum_queues_declared_by_the_relay_are_consumed(
 
 
 def test_a_refusal_undoes_the_handlers_effects_and_keeps_the_failed_reply(
-    worker: Worker, engine: Engine, amqp_url: str
+    worker: Worker | BatchWorker, engine: Engine, amqp_url: str
 ) -> None:
     # The worker handles without a savepoint first; a refusal redoes it with one.
     marker = str(uuid.uuid4())
@@ -278,3 +305,116 @@ def test_a_refusal_undoes_the_handlers_effects_and_keeps_the_failed_reply(
         ).all()
     assert [tuple(r) for r in rows] == [("done", "failed")]
     assert dead_letters(amqp_url) == 0
+
+
+# BatchWorker: the messages waiting when it starts are handled together.
+
+
+def inbox_rows(engine: Engine, saga_ids: list[str]) -> list[tuple[str, str, Any]]:
+    """(saga id, reply type, received_at) of each inbox row; received_at is the
+    transaction's start, so rows of one transaction share it."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                command_inbox.c.saga_id, command_inbox.c.reply_type, command_inbox.c.received_at
+            ).where(command_inbox.c.saga_id.in_(saga_ids))
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+@pytest.fixture
+def batch_broker(engine: Engine, amqp_url: str) -> Iterator[ParticipantBroker]:
+    boom_calls.clear()
+    broker = ParticipantBroker(url=amqp_url)
+    flaky.bind(
+        broker, engine, retries=RetryPolicy(max_retries=1, min_backoff_ms=50, max_backoff_ms=100)
+    )
+    broker.declare_queue(QUEUE, ensure=True)
+    yield broker
+    broker.close()
+
+
+def run_batch(broker: ParticipantBroker, check: Callable[[], bool]) -> None:
+    worker = BatchWorker(broker, batch_size=16, idle_timeout=0.05)
+    worker.start()
+    try:
+        wait_for(check)
+    finally:
+        worker.stop()
+
+
+def test_waiting_commands_are_applied_in_one_transaction(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    commands = [command("flaky_ok") for _ in range(6)]
+    for cmd in commands:
+        publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_ok"))
+    ids = [c.correlation_id for c in commands]
+    run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+    rows = inbox_rows(engine, ids)
+    assert len(rows) == 6
+    assert len({received_at for _, _, received_at in rows}) == 1, "not one transaction"
+
+
+def test_a_refusal_in_a_batch_keeps_the_others_and_undoes_only_its_effects(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    marker = str(uuid.uuid4())
+    first, refused, last = (
+        command("flaky_ok"),
+        command("flaky_refuse", {"marker": marker}),
+        command("flaky_ok"),
+    )
+    for cmd in (first, refused, last):
+        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+    ids = [first.correlation_id, refused.correlation_id, last.correlation_id]
+    run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+    assert [replies(engine, i)[0].type for i in ids] == ["succeeded", "failed", "succeeded"]
+    assert replies(engine, marker) == [], "the refused handler's effect stayed"
+    rows = inbox_rows(engine, ids)
+    assert sorted(r[1] for r in rows) == ["failed", "succeeded", "succeeded"]
+    assert len({r[2] for r in rows}) == 1, "the refusal split the batch"
+    assert dead_letters(amqp_url) == 0
+
+
+def test_a_technical_failure_in_a_batch_fails_only_that_message(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    good, bad, other = command("flaky_ok"), command("flaky_boom"), command("flaky_ok")
+    for cmd in (good, bad, other):
+        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+    run_batch(
+        batch_broker,
+        lambda: dead_letters(amqp_url) == 1 and len(replies(engine, bad.correlation_id)) == 1,
+    )
+    assert [replies(engine, c.correlation_id)[0].type for c in (good, bad, other)] == [
+        "succeeded",
+        "error",
+        "succeeded",
+    ]
+    # In the batch, then alone, then once retried from the delay queue.
+    assert boom_calls == [bad.message_id] * 3
+
+
+def test_a_duplicate_in_the_same_batch_runs_the_handler_once(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    marker = str(uuid.uuid4())
+    cmd = command("flaky_refuse", {"marker": marker})
+    for _ in range(2):
+        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+    run_batch(batch_broker, lambda: len(replies(engine, cmd.correlation_id)) == 2)
+    assert [r.type for r in replies(engine, cmd.correlation_id)] == ["failed", "failed"]
+    assert len(inbox_rows(engine, [cmd.correlation_id])) == 1
+
+
+def test_a_batch_worker_needs_a_bound_participant(amqp_url: str) -> None:
+    broker = ParticipantBroker(url=amqp_url)
+    try:
+        with pytest.raises(ValueError, match="bind a participant"):
+            BatchWorker(broker)
+        with pytest.raises(ValueError, match="batch_size"):
+            flaky.bind(broker, create_engine("postgresql+psycopg://nobody@127.0.0.1/none"))
+            BatchWorker(broker, batch_size=0)
+    finally:
+        broker.close()

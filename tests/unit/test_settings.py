@@ -78,6 +78,8 @@ def test_tls_urls_reach_every_component_unchanged() -> None:
         ("SAGABOX_RELAY_BATCH_SIZE", "many", "relay"),
         ("SAGABOX_RELAY_CONFIRM_TIMEOUT", "0", "relay"),
         ("SAGABOX_PARTICIPANT_THREADS", "0", "participant"),
+        ("SAGABOX_PARTICIPANT_WORKER", "fibers", "participant"),
+        ("SAGABOX_PARTICIPANT_BATCH_SIZE", "0", "participant"),
         ("SAGABOX_INBOX_RETENTION_SECONDS", "forever", "participant"),
         ("SAGABOX_SAGA_RETENTION_SECONDS", "-1", "orchestrator"),
     ],
@@ -146,3 +148,12 @@ def test_finished_sagas_are_kept_unless_a_retention_is_set() -> None:
     assert OrchestratorSettings.from_env(Env({})).saga_retention == 0
     env = Env({"SAGABOX_SAGA_RETENTION_SECONDS": "2592000"})
     assert OrchestratorSettings.from_env(env).saga_retention == 30 * 24 * 3600
+
+
+def test_the_participant_worker_is_batch_unless_threads_is_chosen() -> None:
+    default = ParticipantSettings.from_env(Env({})).worker_config()
+    assert (default.worker, default.batch_size) == ("batch", 32)
+    chosen = ParticipantSettings.from_env(
+        Env({"SAGABOX_PARTICIPANT_WORKER": "Threads", "SAGABOX_PARTICIPANT_BATCH_SIZE": "8"})
+    ).worker_config()
+    assert (chosen.worker, chosen.batch_size) == ("threads", 8)
