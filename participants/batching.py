@@ -147,7 +147,8 @@ class BatchWorker:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
             except Exception:
-                # A bug must not leave a live process that consumes nothing: start over.
+                # A lost connection while publishing a retry (dramatiq's ConnectionClosed),
+                # or a bug: a live process that consumes nothing would be worse. Start over.
                 log.exception("participant_worker_failed", delay=delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)

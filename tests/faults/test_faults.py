@@ -128,10 +128,10 @@ def test_broker_connections_closed_mid_run(system: System) -> None:
     system.assert_consistent()
     reconnected = [
         name
-        for name in ("orchestrator-1", "relay-1")
+        for name in ("orchestrator-1", "relay-1", "inventory-1")
         if "reconnect" in (system.log_dir / f"{name}.log").read_text()
     ]
-    assert reconnected == ["orchestrator-1", "relay-1"]
+    assert reconnected == ["orchestrator-1", "relay-1", "inventory-1"]
 
 
 def test_rabbitmq_stopped_and_started_mid_run(system: System) -> None:

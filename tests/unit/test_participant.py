@@ -14,12 +14,14 @@ from dramatiq import Message, Worker
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
+from prometheus_client import REGISTRY
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from outbox_relay.errors import ConfigurationError, MessageError
 from outbox_relay.message import REPLY_ACTOR, Envelope, decode, encode
 from participants import BusinessFailure, Context, DefinitionError, Participant, Payload
+from participants.handling import on_commit
 from participants.inbox import InboxKey, StoredReply
 from participants.middleware import CONTEXT_KEYS, ParticipantMiddleware, Rejected, parsed
 from participants.replies import outgoing, reply_to, technical_failure
@@ -441,3 +443,21 @@ def test_the_envelope_the_middleware_parsed_is_taken_once_and_only_for_its_argum
     parsed.raw, parsed.envelope = raw, envelope
     assert parsed.take(raw) is envelope
     assert parsed.take(raw) is None  # taken once
+
+
+def test_metrics_of_a_handling_wait_for_its_commit(shop: Shop, inbox: MemoryInbox) -> None:
+    def handled() -> float:
+        labels = {"participant": "shop", "kind": "command", "type": "buy", "outcome": "succeeded"}
+        return REGISTRY.get_sample_value("sagabox_participant_handled_total", labels) or 0.0
+
+    before = handled()
+    with on_commit():  # rolled back: never committed, never counted
+        shop.handle(inbox, command("buy", saga_id=str(uuid.uuid4())))
+    assert handled() == before
+    with on_commit() as committed:
+        shop.handle(inbox, command("buy", saga_id=str(uuid.uuid4())))
+        assert handled() == before
+        committed()
+    assert handled() == before + 1
+    shop.handle(inbox, command("buy", saga_id=str(uuid.uuid4())))  # no transaction around
+    assert handled() == before + 2
