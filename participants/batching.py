@@ -42,6 +42,7 @@ from dramatiq.errors import ActorNotFound, DecodeError
 from dramatiq.middleware import Retries
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
+from prometheus_client import Counter, Histogram
 from structlog.contextvars import bound_contextvars
 
 from outbox_relay.errors import MessageError
@@ -58,6 +59,18 @@ if TYPE_CHECKING:
     from participants.worker import Binding
 
 log = structlog.get_logger(__name__)
+
+BATCH_SIZE = Histogram(
+    "sagabox_participant_batch_size",
+    "Commands and compensations applied in one transaction by the batch worker",
+    ["participant"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+)
+BATCH_FALLBACKS = Counter(
+    "sagabox_participant_batch_rolled_back",
+    "Batches rolled back by a technical error, whose messages were then handled one by one",
+    ["participant"],
+)
 
 
 @dataclass
@@ -276,7 +289,9 @@ class BatchWorker:
                 # Nothing of the batch was applied: each message alone now, so that
                 # only the failing one is retried.
                 log.warning("batch_rolled_back", size=len(items), error=repr(e))
+                BATCH_FALLBACKS.labels(binding.participant.name).inc()
             else:
+                BATCH_SIZE.labels(binding.participant.name).observe(len(items))
                 for item in items:
                     if item.delivery.redelivered:
                         with bound_contextvars(**item.context):
@@ -294,6 +309,7 @@ class BatchWorker:
                     # Retries reads the traceback of the exception being handled.
                     self._retry(item.message, e, item.delivery, settled)
                 else:
+                    BATCH_SIZE.labels(binding.participant.name).observe(1)
                     settled.ack.append(item.delivery.tag)
 
     def _retry(

@@ -14,6 +14,7 @@ import pika
 import pytest
 import structlog
 from dramatiq import Worker
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
@@ -334,6 +335,11 @@ def batch_broker(engine: Engine, amqp_url: str) -> Iterator[ParticipantBroker]:
     broker.close()
 
 
+def sample(name: str) -> float:
+    value = REGISTRY.get_sample_value(f"sagabox_participant_{name}", {"participant": QUEUE})
+    return value or 0.0
+
+
 def run_batch(broker: ParticipantBroker, check: Callable[[], bool]) -> None:
     worker = BatchWorker(broker, batch_size=16, idle_timeout=0.05)
     worker.start()
@@ -350,10 +356,12 @@ def test_waiting_commands_are_applied_in_one_transaction(
     for cmd in commands:
         publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_ok"))
     ids = [c.correlation_id for c in commands]
+    batches, applied = sample("batch_size_count"), sample("batch_size_sum")
     run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
     rows = inbox_rows(engine, ids)
     assert len(rows) == 6
     assert len({received_at for _, _, received_at in rows}) == 1, "not one transaction"
+    assert (sample("batch_size_count") - batches, sample("batch_size_sum") - applied) == (1, 6)
 
 
 def test_a_refusal_in_a_batch_keeps_the_others_and_undoes_only_its_effects(
@@ -383,6 +391,7 @@ def test_a_technical_failure_in_a_batch_fails_only_that_message(
     good, bad, other = command("flaky_ok"), command("flaky_boom"), command("flaky_ok")
     for cmd in (good, bad, other):
         publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+    fallbacks = sample("batch_rolled_back_total")
     run_batch(
         batch_broker,
         lambda: dead_letters(amqp_url) == 1 and len(replies(engine, bad.correlation_id)) == 1,
@@ -394,6 +403,7 @@ def test_a_technical_failure_in_a_batch_fails_only_that_message(
     ]
     # In the batch, then alone, then once retried from the delay queue.
     assert boom_calls == [bad.message_id] * 3
+    assert sample("batch_rolled_back_total") - fallbacks == 1
 
 
 def test_a_duplicate_in_the_same_batch_runs_the_handler_once(
