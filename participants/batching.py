@@ -2,13 +2,13 @@
 
 dramatiq's ``Worker`` hands each message to an actor call on one of its threads, so each
 command costs its own transaction, commit and ack, plus a consumer thread that passes
-every message and every ack across threads (docs/benchmarks.md measures it: about half
-of a participant process's CPU). ``BatchWorker`` consumes the same queues, the same
-dramatiq messages and the same bound participants in one thread, as the orchestrator
-consumes replies: the messages that are waiting are handled in one transaction per
-participant, and acked with one ``multiple=True`` ack after the commit. A message stays
-unacked until its transaction committed, so a crash redelivers it and the inbox
-absorbs the redo.
+every message and every ack across threads (a py-spy profile at concurrency 16 put half
+of a worker's Python time there; docs/benchmarks.md has the figures). ``BatchWorker``
+consumes the same queues, the same dramatiq messages and the same bound participants in
+one thread, as the orchestrator consumes replies: the messages that are waiting are
+handled in one transaction per participant, and acked with one ``multiple=True`` ack
+after the commit. A message stays unacked until its transaction committed, so a crash
+redelivers it and the inbox absorbs the redo.
 
 What stays dramatiq's: the broker (queue declarations, the delay queue ``<queue>.DQ``
 and the dead-letter queue ``<queue>.XQ``), the message format, the actors and their
@@ -350,7 +350,7 @@ def _decode(body: bytes, queue: str) -> Message[Any] | None:
     except DecodeError as e:
         log.error("message_rejected", reason=f"not a dramatiq message: {e}", queue=queue)
         return None
-    problem = malformed(MessageProxy(message))
+    problem = malformed(message)
     if problem is not None:
         log.error("message_rejected", reason=problem, queue=queue)
         return None

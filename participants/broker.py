@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from dramatiq import Message
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import xq_name
@@ -27,7 +28,7 @@ from outbox_relay.topology import Topology
 log = structlog.get_logger(__name__)
 
 
-def malformed(message: MessageProxy) -> str | None:
+def malformed(message: MessageProxy | Message[Any]) -> str | None:
     """Why dramatiq could not process this decoded message, or None if it can."""
     fields: dict[str, type | tuple[type, ...]] = {
         "queue_name": str,
