@@ -108,14 +108,14 @@ def worker(
     broker.close()
 
 
-def publish(amqp_url: str, body: str | bytes) -> None:
+def publish(amqp_url: str, body: str | bytes, queue: str = QUEUE) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         channel.basic_publish(
             exchange="",
-            routing_key=QUEUE,
+            routing_key=queue,
             body=body,
             properties=pika.BasicProperties(delivery_mode=2),
         )
@@ -428,3 +428,26 @@ def test_a_batch_worker_needs_a_bound_participant(amqp_url: str) -> None:
             BatchWorker(broker, batch_size=0)
     finally:
         broker.close()
+
+
+steady = Participant("steady")
+
+
+@steady.command("steady_ok")
+def steady_ok(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    return {"steady": True}
+
+
+def test_one_batch_worker_serves_every_participant_bound_to_its_broker(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    steady.bind(batch_broker, engine)
+    batch_broker.declare_queue("steady", ensure=True)
+    mine, theirs = command("flaky_ok"), command("steady_ok")
+    publish(amqp_url, encode(mine, queue=QUEUE, actor="flaky_ok"))
+    publish(amqp_url, encode(theirs, queue="steady", actor="steady_ok"), queue="steady")
+    run_batch(
+        batch_broker,
+        lambda: all(len(replies(engine, c.correlation_id)) == 1 for c in (mine, theirs)),
+    )
+    assert replies(engine, theirs.correlation_id)[0].payload["result"] == {"steady": True}
