@@ -11,11 +11,13 @@ from orchestrator.errors import (
     OrchestratorError,
     StoreError,
     UnknownSagaError,
+    WaitTimeoutError,
 )
 from orchestrator.machine import Command, Transition, start, transition
 from orchestrator.registry import Registry
 from orchestrator.state import SagaState, SagaStatus, StepState, StepStatus
 from orchestrator.store import make_engine
+from orchestrator.waiting import SagaWaiter
 
 __all__ = [
     "Command",
@@ -34,12 +36,14 @@ __all__ = [
     "SagaState",
     "SagaStatus",
     "SagaView",
+    "SagaWaiter",
     "Step",
     "StepState",
     "StepStatus",
     "StoreError",
     "Transition",
     "UnknownSagaError",
+    "WaitTimeoutError",
     "data",
     "make_engine",
     "result",

@@ -43,3 +43,7 @@ class StoreError(OrchestratorError):
 class OperatorActionError(OrchestratorError):
     """An operator action (retry, skip, abort, resume) that does not fit the saga:
     nothing was changed."""
+
+
+class WaitTimeoutError(OrchestratorError):
+    """A saga did not settle (completed, compensated or failed) within the wait's timeout."""

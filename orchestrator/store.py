@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.engine import Connection
 
+from orchestrator.state import SETTLED
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.table import Along
 
@@ -285,13 +286,41 @@ def transitions(
     outbox insert (outbox_relay.table.OutboxWriter.write): one round trip for all three."""
     statements: list[str] = []
     params: dict[str, Any] = {}
+    notify: list[tuple[str, str]] = []
     if changes:
         statements.append(UPDATE_SAGAS)
         params.update(_update_params(changes))
+        settled = [f"{c['id']}:{c['status']}" for c in changes if c["status"] in _SETTLED]
+        for i, payload in enumerate(_payloads(settled)):
+            params[f"settled{i}"] = payload
+            notify.append((SETTLED_CHANNEL, f"settled{i}"))
     if rows:
         statements.append(INSERT_HISTORY)
         params.update(_history_params(rows))
-    return Along(tuple(statements), params) if statements else None
+    return Along(tuple(statements), params, tuple(notify)) if statements else None
+
+
+# Waiters (orchestrator.waiting) LISTEN here: payload "saga id:status,..." for each saga
+# that reached completed, compensated or failed in the transaction.
+SETTLED_CHANNEL = "sagabox_saga_settled"
+_SETTLED = frozenset(status.value for status in SETTLED)
+# PostgreSQL's NOTIFY payloads must stay under 8000 bytes.
+_PAYLOAD_LIMIT = 7900
+
+
+def _payloads(items: Sequence[str]) -> list[str]:
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 0
+    for item in items:
+        if current and size + len(item) + 1 > _PAYLOAD_LIMIT:
+            payloads.append(",".join(current))
+            current, size = [], 0
+        current.append(item)
+        size += len(item) + 1
+    if current:
+        payloads.append(",".join(current))
+    return payloads
 
 
 def _update_params(changes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -136,16 +136,22 @@ class OutboxWriter:
                 "headers": [None if m.headers is None else _dumps(m.headers) for m in messages],
             }
         ctes = []
+        notifications: list[str] = []
         if along is not None:
             ctes += along.ctes()
             params.update(along.params)
+            notifications += along.notifications()
         now = self.clock()
         busy = now - self._last_write < self.quiet_gap
         self._last_write = now
         if busy:
             self._last_busy = now
             if self._debouncing and now - self._last_notify < self.notify_interval:
-                sql = f"WITH {', '.join(ctes)} {insert}" if ctes else insert
+                if notifications:
+                    ctes.append(f"written AS ({insert})")
+                    sql = f"WITH {', '.join(ctes)} SELECT {', '.join(notifications)}"
+                else:
+                    sql = f"WITH {', '.join(ctes)} {insert}" if ctes else insert
                 conn.exec_driver_sql(sql, params)
                 return
         ctes.append(f"written AS ({insert})")
@@ -153,7 +159,8 @@ class OutboxWriter:
         # without first sending one more (each one serialises a commit).
         debouncing = now - self._last_busy < self.busy_memory
         payload = DEBOUNCING if debouncing else ""
-        sql = f"WITH {', '.join(ctes)} SELECT pg_notify('{NOTIFY_CHANNEL}', '{payload}')"
+        notifications.insert(0, f"pg_notify('{NOTIFY_CHANNEL}', '{payload}')")
+        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(notifications)}"
         conn.exec_driver_sql(sql, params)
         self._last_notify, self._debouncing = now, debouncing
 
@@ -166,16 +173,24 @@ class OutboxWriter:
 @dataclass(frozen=True, slots=True)
 class Along:
     """Data-modifying statements (``%(name)s`` parameters, none named like the outbox
-    insert's) to run in the outbox insert's round trip, as CTEs."""
+    insert's) to run in the outbox insert's round trip, as CTEs; and NOTIFYs to send in
+    that same statement (the channel, and the name of the parameter holding the payload).
+    """
 
     statements: tuple[str, ...]
     params: Mapping[str, Any]
+    notify: tuple[tuple[str, str], ...] = ()
 
     def ctes(self) -> list[str]:
         return [f"along{i} AS ({sql})" for i, sql in enumerate(self.statements)]
 
+    def notifications(self) -> list[str]:
+        return [f"pg_notify('{channel}', %({param})s)" for channel, param in self.notify]
+
     def alone(self) -> str:
         """The statements as one, when there is no row to insert."""
+        if self.notify:
+            return f"WITH {', '.join(self.ctes())} SELECT {', '.join(self.notifications())}"
         *first, last = self.statements
         if not first:
             return last

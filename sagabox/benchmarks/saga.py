@@ -4,15 +4,14 @@ The services ``place_order`` v1 needs (inventory, payment, shipping, loyalty) ea
 their own database, the orchestrator its own, and a RabbitMQ vhost; the processes run
 as in production (sagabox/supervisor.py), built by ``sagabox up``'s ``specs``, with N
 replicas of each for ``--replicas``. The driver starts sagas through
-``Orchestrator.start`` (one commit each) and learns they ended from one poller
-connection; the poller's transactions and its backend's CPU are taken out of the
-figures.
+``Orchestrator.start`` (one commit each) and learns they ended from a ``SagaWaiter``
+(woken by the orchestrator's NOTIFY); the waiter's status reads and its backends' CPU
+are taken out of the figures.
 """
 
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 import migrations
-from orchestrator import Orchestrator
+from orchestrator import Orchestrator, SagaWaiter, WaitTimeoutError
 from orchestrator.store import make_engine
 from outbox_relay import vhosts
 from participants.examples.checks import SagaOutcome, Seed, check, seed
@@ -41,47 +40,23 @@ STATS_SETTLE = 11.0
 
 
 class _Waiter:
-    """Wakes each driver thread when the poller sees its saga reach a terminal status."""
+    """Waits for a saga to settle (orchestrator.waiting.SagaWaiter, woken by the
+    orchestrator's NOTIFY), checking every half second that sagabox's processes live."""
 
-    def __init__(
-        self, poller: store.StatusPoller, dead: Callable[[], object], interval: float = 0.002
-    ) -> None:
-        self.poller = poller
+    def __init__(self, waiter: SagaWaiter, dead: Callable[[], object]) -> None:
+        self.waiter = waiter
         self.dead = dead
-        self.interval = interval
-        self.waiting: dict[str, tuple[threading.Event, list[str]]] = {}
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="poller", daemon=True)
-        self.thread.start()
 
     def wait(self, saga_id: str, timeout: float) -> str:
-        event, box = threading.Event(), list[str]()
-        with self.lock:
-            self.waiting[saga_id] = (event, box)
         deadline = time.monotonic() + timeout
-        while not event.wait(0.5):
-            if dead := self.dead():
-                raise BenchError(f"sagabox processes died: {dead}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"saga {saga_id} did not end within {timeout} s")
-        return box[0]
-
-    def _loop(self) -> None:
-        while not self.stopped.is_set():
-            with self.lock:
-                ids = list(self.waiting)
-            if ids:
-                for saga_id, status in self.poller.terminal(ids):
-                    with self.lock:
-                        event, box = self.waiting.pop(saga_id)
-                    box.append(status)
-                    event.set()
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
+        while True:
+            try:
+                return self.waiter.wait(saga_id, 0.5)
+            except WaitTimeoutError:
+                if dead := self.dead():
+                    raise BenchError(f"sagabox processes died: {dead}") from None
+                if time.monotonic() > deadline:
+                    raise BenchError(f"saga {saga_id} did not end within {timeout} s") from None
 
 
 class _Live:
@@ -91,9 +66,9 @@ class _Live:
         self.amqp = amqp
         self.timeout = bench.timeout
         self.engines = {n: make_engine(bench.url(n), pool_size=max(2, concurrency)) for n in NAMES}
-        self.poller = store.StatusPoller(bench.url("orchestrator"))
+        self.saga_waiter = SagaWaiter(bench.url("orchestrator"))
         self.supervisor = Supervisor(log_dir)
-        self.waiter = _Waiter(self.poller, self.supervisor.dead)
+        self.waiter = _Waiter(self.saga_waiter, self.supervisor.dead)
         self.orchestrator = Orchestrator(self.engines["orchestrator"], registry())
         self.started: list[str] = []
 
@@ -104,8 +79,7 @@ class _Live:
 
     def close(self) -> None:
         self.supervisor.stop_all()
-        self.waiter.stop()
-        self.poller.close()
+        self.saga_waiter.close()
         for engine in self.engines.values():
             engine.dispose()
 
@@ -209,22 +183,21 @@ class SagaboxBench:
         """The measured closed loop; ``commits`` is the baseline until the processes stop."""
         self.say(f"sagabox: settling {self.settle:g} s so every backend flushes its stats")
         time.sleep(self.settle)
-        groups = self._cpu_groups(live.supervisor, live.poller)
+        groups = self._cpu_groups(live.supervisor, live.saga_waiter)
         before_cpu = cpu.sample(groups)
-        polls_before = live.poller.polls
+        reads_before = live.saga_waiter.reads
         before = store.commits_by_database(self.admin_url, self.databases())
         self.say(f"sagabox: {count} sagas at concurrency {concurrency} (measured)")
         run = closed_loop(live.run_one, count, concurrency, first)
         used = cpu.delta(before_cpu, cpu.sample(groups))
-        used["postgres"] -= used.pop("poller backend")
-        # The poller's own read-only transactions are not sagabox's; the baseline
-        # per database rides in commit_split until the processes have stopped.
-        before[self.database("orchestrator")] += live.poller.polls - polls_before
+        used["postgres"] -= used.pop("waiter backends")
+        # The waiter's status reads (one autocommit transaction each) are the driver's,
+        # not sagabox's; the baseline per database rides in commit_split until the
+        # processes have stopped.
+        before[self.database("orchestrator")] += live.saga_waiter.reads - reads_before
         return Measured(run, 0, used, 0, before)
 
-    def _cpu_groups(
-        self, supervisor: Supervisor, poller: store.StatusPoller
-    ) -> dict[str, list[int] | str]:
+    def _cpu_groups(self, supervisor: Supervisor, waiter: SagaWaiter) -> dict[str, list[int] | str]:
         # One group per component (every replica of it), so the report can show where
         # sagabox's own CPU goes: "relay-1" and "relay-2" both count as "relay".
         components: dict[str, list[int]] = {}
@@ -234,7 +207,7 @@ class SagaboxBench:
             "postgres": "postgres",
             "rabbitmq": "beam.smp",
             **components,
-            "poller backend": [poller.backend_pid],
+            "waiter backends": waiter.backend_pids,
         }
 
     def _retention(self, keep: float = 3600.0) -> Retention:

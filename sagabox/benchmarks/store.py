@@ -7,8 +7,6 @@ from collections.abc import Iterable, Sequence
 import psycopg
 from psycopg import sql
 
-TERMINAL = ("completed", "compensated", "failed")
-
 
 def commits(admin_url: str, databases: Iterable[str]) -> int:
     """xact_commit summed over ``databases``, as flushed so far by their backends."""
@@ -48,32 +46,6 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
-
-
-class StatusPoller:
-    """One autocommit connection asking which of the given sagas reached a terminal status.
-
-    Each poll is one read-only transaction in the orchestrator's database: ``polls``
-    counts them so that the benchmark can take them out of sagabox's commits.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.conn = psycopg.connect(url, autocommit=True)
-        self.polls = 0
-        row = self.conn.execute("SELECT pg_backend_pid()").fetchone()
-        self.backend_pid = int(row[0]) if row else 0
-
-    def terminal(self, saga_ids: Sequence[str]) -> list[tuple[str, str]]:
-        self.polls += 1
-        rows = self.conn.execute(
-            "SELECT id::text, status FROM sagabox.saga WHERE id = ANY(%s::uuid[])"
-            " AND status = ANY(%s)",
-            [list(saga_ids), list(TERMINAL)],
-        ).fetchall()
-        return [(str(r[0]), str(r[1])) for r in rows]
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def statuses(url: str, saga_ids: Sequence[str]) -> dict[str, tuple[str, str, int]]:

@@ -1,0 +1,112 @@
+"""SagaWaiter on real PostgreSQL: a caller waits for a saga to settle, woken by the
+orchestrator's NOTIFY in the transaction that settles it, not by polling."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from orchestrator import Orchestrator, SagaWaiter, UnknownSagaError, WaitTimeoutError
+from tests.support import DATA, reply
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def waiter(db_url: str) -> Iterator[SagaWaiter]:
+    with SagaWaiter(db_url, reconnect_delay=0.1) as waiter:
+        yield waiter
+
+
+def declined(orch: Orchestrator, saga_id: str) -> None:
+    """The first step refused: nothing to undo, the saga is compensated at once."""
+    orch.handle_replies([reply(saga_id, "reserve", "failed", reason="out of stock")])
+
+
+def wait_in_thread(waiter: SagaWaiter, saga_id: str, timeout: float = 10) -> list[object]:
+    box: list[object] = []
+
+    def run() -> None:
+        try:
+            box.append(waiter.wait(saga_id, timeout))
+        except Exception as e:
+            box.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    box.append(thread)
+    return box
+
+
+def test_a_waiter_wakes_when_the_saga_settles_without_reading_again(
+    orch: Orchestrator, waiter: SagaWaiter
+) -> None:
+    saga_id = orch.start("order", DATA)
+    box = wait_in_thread(waiter, saga_id)
+    time.sleep(0.3)
+    assert len(box) == 1, "returned before the saga settled"
+    reads = waiter.reads
+    declined(orch, saga_id)
+    thread = box[0]
+    assert isinstance(thread, threading.Thread)
+    thread.join(5)
+    assert box[1:] == ["compensated"]
+    assert waiter.reads == reads, "woken by a poll, not by the notification"
+
+
+def test_a_saga_settled_before_the_wait_is_seen_at_once(
+    orch: Orchestrator, waiter: SagaWaiter
+) -> None:
+    saga_id = orch.start("order", DATA)
+    declined(orch, saga_id)
+    assert waiter.wait(saga_id, timeout=1) == "compensated"
+
+
+def test_every_saga_settled_in_one_batch_wakes_its_waiters(
+    orch: Orchestrator, waiter: SagaWaiter
+) -> None:
+    ids = [orch.start("order", DATA) for _ in range(5)]
+    boxes = [wait_in_thread(waiter, saga_id) for saga_id in ids]
+    time.sleep(0.3)
+    orch.handle_replies([reply(i, "reserve", "failed", reason="no") for i in ids])
+    for box in boxes:
+        thread = box[0]
+        assert isinstance(thread, threading.Thread)
+        thread.join(5)
+        assert box[1:] == ["compensated"]
+
+
+def test_a_wait_times_out_and_an_unknown_saga_is_named(
+    orch: Orchestrator, waiter: SagaWaiter
+) -> None:
+    saga_id = orch.start("order", DATA)
+    with pytest.raises(WaitTimeoutError, match=saga_id):
+        waiter.wait(saga_id, timeout=0.2)
+    missing = str(uuid.uuid4())
+    with pytest.raises(UnknownSagaError, match=missing):
+        waiter.wait(missing, timeout=0.2)
+    with pytest.raises(UnknownSagaError):
+        waiter.wait("not-a-uuid", timeout=0.2)
+
+
+def test_a_saga_settled_while_the_listener_was_cut_off_is_still_reported(
+    orch: Orchestrator, waiter: SagaWaiter, db_url: str
+) -> None:
+    saga_id = orch.start("order", DATA)
+    box = wait_in_thread(waiter, saga_id)
+    time.sleep(0.3)
+    listener = waiter.backend_pids[1]
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        # Settle the saga while the listening connection is gone: its NOTIFY is lost.
+        admin.execute("SELECT pg_terminate_backend(%s)", [listener])
+        declined(orch, saga_id)
+    thread = box[0]
+    assert isinstance(thread, threading.Thread)
+    thread.join(5)
+    assert box[1:] == ["compensated"]
+    assert waiter.backend_pids[1] != listener
