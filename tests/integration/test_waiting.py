@@ -10,8 +10,17 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from sqlalchemy import Engine
 
-from orchestrator import Orchestrator, SagaWaiter, UnknownSagaError, WaitTimeoutError
+from orchestrator import (
+    Orchestrator,
+    Registry,
+    SagaWaiter,
+    UnknownSagaError,
+    WaitTimeoutError,
+)
+from outbox_relay.table import NOTIFY_CHANNEL, OutboxWriter
+from tests.sagas import ORDER
 from tests.support import DATA, reply
 
 pytestmark = pytest.mark.integration
@@ -110,3 +119,31 @@ def test_a_saga_settled_while_the_listener_was_cut_off_is_still_reported(
     thread.join(5)
     assert box[1:] == ["compensated"]
     assert waiter.backend_pids[1] != listener
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["notifying-writer", "debouncing-writer"])
+def test_a_batch_that_settles_one_saga_and_sends_anothers_command_notifies_both(
+    engine: Engine, waiter: SagaWaiter, db_url: str, busy: bool
+) -> None:
+    # A frozen clock makes every write "busy": after its first NOTIFY says so, the
+    # writer skips the outbox's NOTIFY, and the settled one must still go out.
+    writer = OutboxWriter(clock=lambda: 1.0) if busy else OutboxWriter(quiet_gap=0.0)
+    orch = Orchestrator(engine, Registry([ORDER]), outbox=writer)
+    settling, moving = orch.start("order", DATA), orch.start("order", DATA)
+    box = wait_in_thread(waiter, settling)
+    time.sleep(0.3)
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        orch.handle_replies(
+            [
+                reply(settling, "reserve", "failed", reason="no"),
+                reply(moving, "reserve", "succeeded", result={"reservation_id": "r"}),
+            ]
+        )
+        outbox_notified = [n.payload for n in listener.notifies(timeout=0.5, stop_after=1)]
+    thread = box[0]
+    assert isinstance(thread, threading.Thread)
+    thread.join(5)
+    assert box[1:] == ["compensated"]
+    assert orch.get(moving).state.steps["charge"].status.value == "active"
+    assert outbox_notified == ([] if busy else [""])
