@@ -100,12 +100,16 @@ class Orchestrator:
         reply_queue: str = DEFAULT_REPLY_QUEUE,
         clock: Callable[[], float] = time.time,
         outbox: OutboxWriter | None = None,
+        notify_settled: bool = True,
     ) -> None:
         self.engine = engine
         self.registry = registry
         self.reply_queue = reply_queue
         self.clock = clock
         self.outbox = outbox or OutboxWriter()
+        # Wakes SagaWaiters (orchestrator.waiting); each NOTIFY serialises a commit, so
+        # a deployment where no caller waits may turn it off.
+        self.notify_settled = notify_settled
 
     # -- starting ----------------------------------------------------------------
 
@@ -495,6 +499,7 @@ class Orchestrator:
                 for saga_id, (_, state, revision) in states.items()
             ],
             history_rows,
+            notify_settled=self.notify_settled,
         )
         self.outbox.write(conn, messages, along=along)
 

@@ -280,10 +280,14 @@ def insert_history(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def transitions(
-    changes: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+    changes: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    notify_settled: bool = True,
 ) -> Along | None:
     """update_sagas(changes) and insert_history(rows) as statements to run along the
-    outbox insert (outbox_relay.table.OutboxWriter.write): one round trip for all three."""
+    outbox insert (outbox_relay.table.OutboxWriter.write): one round trip for all three;
+    with ``notify_settled``, a NOTIFY for the sagas that settled (orchestrator.waiting)."""
     statements: list[str] = []
     params: dict[str, Any] = {}
     notify: list[tuple[str, str]] = []
@@ -291,6 +295,8 @@ def transitions(
         statements.append(UPDATE_SAGAS)
         params.update(_update_params(changes))
         settled = [f"{c['id']}:{c['status']}" for c in changes if c["status"] in _SETTLED]
+        if not notify_settled:
+            settled = []
         for i, payload in enumerate(_payloads(settled)):
             params[f"settled{i}"] = payload
             notify.append((SETTLED_CHANNEL, f"settled{i}"))

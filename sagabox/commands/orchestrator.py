@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     # database restart costs one retry; checking every checkout costs a round trip each.
     engine = make_engine(settings.database_url, pre_ping=False)
     orchestrator = Orchestrator(
-        engine, load_registry(settings.sagas), reply_queue=settings.reply_queue
+        engine,
+        load_registry(settings.sagas),
+        reply_queue=settings.reply_queue,
+        notify_settled=settings.notify_settled,
     )
     consumer = ReplyConsumer(
         orchestrator,

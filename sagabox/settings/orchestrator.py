@@ -34,6 +34,7 @@ class OrchestratorSettings:
     | SAGABOX_METRICS_PORT | 0 (off) | Prometheus metrics port |
     | SAGABOX_METRICS_INTERVAL | 5 | seconds between refreshes of the saga gauges |
     | SAGABOX_METRICS_LONG_RUNNING_SECONDS | 300 | age from which a saga counts as long-running |
+    | SAGABOX_NOTIFY_SETTLED | true | NOTIFY settled sagas, for SagaWaiter (docs/sagas.md) |
     """
 
     database_url: str
@@ -50,6 +51,7 @@ class OrchestratorSettings:
     metrics_port: int = 0
     metrics_interval: float = 5.0
     long_running_seconds: float = 300.0
+    notify_settled: bool = True
     topology: Topology = field(default_factory=Topology)
 
     @classmethod
@@ -88,4 +90,5 @@ class OrchestratorSettings:
             metrics_port=env.int("METRICS_PORT", 0),
             metrics_interval=env.float("METRICS_INTERVAL", 5.0, minimum=0.1),
             long_running_seconds=env.float("METRICS_LONG_RUNNING_SECONDS", 300.0),
+            notify_settled=env.bool("NOTIFY_SETTLED", True),
         )

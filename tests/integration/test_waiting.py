@@ -147,3 +147,18 @@ def test_a_batch_that_settles_one_saga_and_sends_anothers_command_notifies_both(
     assert box[1:] == ["compensated"]
     assert orch.get(moving).state.steps["charge"].status.value == "active"
     assert outbox_notified == ([] if busy else [""])
+
+
+def test_an_orchestrator_told_not_to_notify_leaves_waiters_to_their_timeout(
+    engine: Engine, waiter: SagaWaiter
+) -> None:
+    quiet = Orchestrator(engine, Registry([ORDER]), notify_settled=False)
+    saga_id = quiet.start("order", DATA)
+    box = wait_in_thread(waiter, saga_id, timeout=1.0)
+    time.sleep(0.3)
+    declined(quiet, saga_id)
+    thread = box[0]
+    assert isinstance(thread, threading.Thread)
+    thread.join(5)
+    assert isinstance(box[1], WaitTimeoutError)
+    assert waiter.wait(saga_id, timeout=1) == "compensated"  # a new wait reads it

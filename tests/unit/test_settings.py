@@ -157,3 +157,11 @@ def test_the_participant_worker_is_batch_unless_threads_is_chosen() -> None:
         Env({"SAGABOX_PARTICIPANT_WORKER": "Threads", "SAGABOX_PARTICIPANT_BATCH_SIZE": "8"})
     ).worker_config()
     assert (chosen.worker, chosen.batch_size) == ("threads", 8)
+
+
+def test_the_orchestrator_notifies_settled_sagas_unless_told_not_to() -> None:
+    assert OrchestratorSettings.from_env(Env({})).notify_settled is True
+    off = OrchestratorSettings.from_env(Env({"SAGABOX_NOTIFY_SETTLED": "false"}))
+    assert off.notify_settled is False
+    with pytest.raises(ConfigurationError, match="SAGABOX_NOTIFY_SETTLED"):
+        OrchestratorSettings.from_env(Env({"SAGABOX_NOTIFY_SETTLED": "sometimes"}))

@@ -36,3 +36,9 @@ def test_many_settled_sagas_are_split_below_postgresqls_payload_limit() -> None:
     assert all(len(p.encode()) < 8000 for p in payloads)
     announced = [pair.partition(":")[0] for p in payloads for pair in p.split(",")]
     assert announced == [c["id"] for c in changes]
+
+
+def test_an_orchestrator_may_leave_the_notify_out() -> None:
+    along = transitions([change("completed")], [], notify_settled=False)
+    assert along is not None and along.notify == ()
+    assert "pg_notify" not in along.alone()
