@@ -294,10 +294,8 @@ def transitions(
     if changes:
         statements.append(UPDATE_SAGAS)
         params.update(_update_params(changes))
-        settled = [f"{c['id']}:{c['status']}" for c in changes if c["status"] in _SETTLED]
-        if not notify_settled:
-            settled = []
-        for i, payload in enumerate(_payloads(settled)):
+        settled = [f"{c['id']}:{c['status']}" for c in changes if c["status"] in SETTLED]
+        for i, payload in enumerate(_payloads(settled) if notify_settled else []):
             params[f"settled{i}"] = payload
             notify.append((SETTLED_CHANNEL, f"settled{i}"))
     if rows:
@@ -309,7 +307,8 @@ def transitions(
 # Waiters (orchestrator.waiting) LISTEN here: payload "saga id:status,..." for each saga
 # that reached completed, compensated or failed in the transaction.
 SETTLED_CHANNEL = "sagabox_saga_settled"
-_SETTLED = frozenset(status.value for status in SETTLED)
+# What a waiter reads: the first time, and after missing notifications.
+SAGA_STATUSES = "SELECT id::text, status FROM sagabox.saga WHERE id = ANY(%s::uuid[])"
 # PostgreSQL's NOTIFY payloads must stay under 8000 bytes.
 _PAYLOAD_LIMIT = 7900
 

@@ -20,6 +20,7 @@ for status reads).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,12 +29,9 @@ import structlog
 
 from orchestrator.errors import StoreError, UnknownSagaError, WaitTimeoutError
 from orchestrator.state import SETTLED
-from orchestrator.store import SETTLED_CHANNEL
+from orchestrator.store import SAGA_STATUSES, SETTLED_CHANNEL
 
 log = structlog.get_logger(__name__)
-
-_SETTLED = frozenset(status.value for status in SETTLED)
-_STATUSES = "SELECT id::text, status FROM sagabox.saga WHERE id = ANY(%s::uuid[])"
 
 
 @dataclass
@@ -80,6 +78,7 @@ class SagaWaiter:
         """
         if self._closed.is_set():
             raise StoreError("this SagaWaiter is closed")
+        deadline = time.monotonic() + timeout
         if not self._listening.wait(timeout):
             raise WaitTimeoutError(f"not listening for settled sagas within {timeout} s")
         wait = _Wait()
@@ -89,9 +88,9 @@ class SagaWaiter:
             statuses = self._statuses([saga_id])
             if saga_id not in statuses:
                 raise UnknownSagaError(f"no saga with id {saga_id!r}")
-            if statuses[saga_id] in _SETTLED:
+            if statuses[saga_id] in SETTLED:
                 return statuses[saga_id]
-            if not wait.event.wait(timeout):
+            if not wait.event.wait(max(0.0, deadline - time.monotonic())):
                 raise WaitTimeoutError(f"saga {saga_id} did not settle within {timeout} s")
             return wait.status
         finally:
@@ -118,7 +117,7 @@ class SagaWaiter:
         with self._reader_lock:
             self.reads += 1
             try:
-                rows = self._reader.execute(_STATUSES, [list(saga_ids)]).fetchall()
+                rows = self._reader.execute(SAGA_STATUSES, [list(saga_ids)]).fetchall()
             except psycopg.DataError as e:
                 raise UnknownSagaError(f"not a saga id: {e}") from e
             except psycopg.Error as e:
@@ -159,5 +158,5 @@ class SagaWaiter:
         if not waited:
             return
         for saga_id, status in self._statuses(waited).items():
-            if status in _SETTLED:
+            if status in SETTLED:
                 self._settle(saga_id, status)
