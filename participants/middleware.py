@@ -95,6 +95,18 @@ class _Parsed(threading.local):
 parsed = _Parsed()
 
 
+def _log_rejected(binding: Binding, message: MessageProxy, reason: str, **extra: Any) -> None:
+    log.error(
+        "message_rejected",
+        service=binding.participant.name,
+        message_id=message.message_id,
+        queue=message.queue_name,
+        actor=message.actor_name,
+        reason=reason,
+        **extra,
+    )
+
+
 class Rejected(SkipMessage):
     """Raised by the middleware to dead-letter a message that breaks the contract."""
 
@@ -102,15 +114,7 @@ class Rejected(SkipMessage):
 def reject(binding: Binding, message: MessageProxy, error: MessageError) -> Rejected:
     """Log and count a message whose envelope breaks the contract, and fail it: it is
     nacked, and RabbitMQ moves it to ``<queue>.XQ``. Returns the exception that says so."""
-    log.error(
-        "message_rejected",
-        service=binding.participant.name,
-        message_id=message.message_id,
-        queue=message.queue_name,
-        actor=message.actor_name,
-        reason=str(error),
-        dead_letter_queue=xq_name(message.queue_name),
-    )
+    _log_rejected(binding, message, str(error), dead_letter_queue=xq_name(message.queue_name))
     message.fail()
     DEAD_LETTERED.labels(binding.participant.name, "rejected").inc()
     rejected = Rejected(str(error))
@@ -177,14 +181,7 @@ class ParticipantMiddleware(Middleware):
         try:
             envelope = binding.parse(message.args, message.kwargs, resolve_handler=False)
         except MessageError as e:
-            log.error(
-                "message_rejected",
-                service=binding.participant.name,
-                message_id=message.message_id,
-                queue=message.queue_name,
-                actor=message.actor_name,
-                reason=f"{_describe(exception)}; {e}",
-            )
+            _log_rejected(binding, message, f"{_describe(exception)}; {e}")
             return
         with bound_contextvars(**log_context(binding.participant.name, envelope)):
             if rejected:
