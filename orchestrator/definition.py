@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from outbox_relay.message import RESULT_REF
+
 # What saga input fields may be declared as.
 FieldType = (
     type[str] | type[int] | type[float] | type[bool] | type[dict[str, Any]] | type[list[Any]]
@@ -135,6 +137,10 @@ class Saga:
     # on (steps have their own timeouts) but counts in sagabox_sagas_long_running, the
     # gauge to alert on; None: SAGABOX_METRICS_LONG_RUNNING_SECONDS.
     deadline: float | None = None
+    # The participants forward the next command themselves, down a run of steps
+    # (``slips``); the orchestrator hears from the run's last step, or from the one
+    # that stopped it. Fewer messages and transitions per saga (docs/sagas.md).
+    routing_slip: bool = False
 
     @property
     def stages(self) -> tuple[tuple[Step, ...], ...]:
@@ -152,6 +158,40 @@ class Saga:
         raise KeyError(name)
 
     @property
+    def slips(self) -> dict[str, tuple[Step, ...]]:
+        """Step name -> the steps its participant forwards to when it succeeded.
+
+        Empty unless ``routing_slip``. A run of steps shares a slip when each is a
+        stage of its own. The pivot is never in a run (the way on depends on its
+        outcome, so the orchestrator must hear it), so runs lie wholly before or
+        wholly after it; and a step whose compensation needs a result of its run
+        starts a new one (after a timeout the orchestrator may not have that result).
+        """
+        if not self.routing_slip:
+            return {}
+        cached = _SLIPS.get(id(self))
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        runs: list[list[Step]] = [[]]
+        for stage in self.stages:
+            step = stage[0]
+            if len(stage) > 1 or step.pivot:
+                runs.append([])
+                continue
+            run = runs[-1]
+            if run and _refers_to(step.compensation_payload, {s.name for s in run}):
+                runs.append([step])
+            else:
+                run.append(step)
+        out = {
+            step.name: tuple(run[index + 1 :])
+            for run in runs
+            for index, step in enumerate(run[:-1])
+        }
+        _SLIPS[id(self)] = (self, out)
+        return out
+
+    @property
     def pivot_stage(self) -> int | None:
         for index, stage in enumerate(self.stages):
             if any(step.pivot for step in stage):
@@ -159,15 +199,41 @@ class Saga:
         return None
 
 
-def render(template: Any, saga_data: Mapping[str, Any], results: Mapping[str, Any]) -> Any:
-    """Build a command payload from its template (refs are resolved, literals copied)."""
+# Saga is frozen with slots (no cached_property): its slips, computed once per object.
+_SLIPS: dict[int, tuple[Saga, dict[str, tuple[Step, ...]]]] = {}
+
+
+def render(
+    template: Any,
+    saga_data: Mapping[str, Any],
+    results: Mapping[str, Any],
+    later: frozenset[str] = frozenset(),
+) -> Any:
+    """Build a command payload from its template (refs are resolved, literals copied).
+
+    A ref to the result of a step in ``later`` (earlier in the same routing slip, not
+    yet run) becomes a ``{"$result": [step, *path]}`` placeholder for the participant
+    that forwards the slip to fill in.
+    """
     if isinstance(template, Ref):
+        if template.source == "result" and template.step in later:
+            return {RESULT_REF: [template.step, *template.path]}
         value: Any = saga_data if template.source == "data" else results[template.step or ""]
         for key in template.path:
             value = value[key]
         return value
     if isinstance(template, Mapping):
-        return {key: render(value, saga_data, results) for key, value in template.items()}
+        return {key: render(value, saga_data, results, later) for key, value in template.items()}
     if isinstance(template, list | tuple):
-        return [render(value, saga_data, results) for value in template]
+        return [render(value, saga_data, results, later) for value in template]
     return template
+
+
+def _refers_to(template: Any, steps: set[str]) -> bool:
+    if isinstance(template, Ref):
+        return template.source == "result" and template.step in steps
+    if isinstance(template, Mapping):
+        return any(_refers_to(value, steps) for value in template.values())
+    if isinstance(template, list | tuple):
+        return any(_refers_to(value, steps) for value in template)
+    return False

@@ -527,6 +527,7 @@ class Orchestrator:
             reply_to=self.reply_queue,
             sent_at=now,
             traceparent=traceparent,
+            slip=command.slip,
         )
         return OutgoingMessage(
             message_id=command.message_id,

@@ -31,6 +31,8 @@ class Started(Event):
 class StepEvent(Event):
     step: str
     attempt: int
+    # Routing slip: the results of the slip's steps that succeeded before this one.
+    slip_results: Mapping[str, Any] | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,8 @@ def event_from_reply(reply: Envelope) -> StepEvent:
         "attempt": reply.attempt,
         "message_id": reply.message_id,
     }
+    if reply.slip is not None and reply.slip.results:
+        common["slip_results"] = {k: dict(v) for k, v in reply.slip.results.items()}
     if cls is StepSucceeded:
         return StepSucceeded(**common, result=reply.payload.get("result", {}))
     if cls is CompensationSucceeded:

@@ -76,6 +76,7 @@ from orchestrator.state import (
     StepStatus,
     Timer,
 )
+from outbox_relay.message import Slip, SlipStep
 
 CommandKind = Literal["command", "compensation"]
 
@@ -91,6 +92,8 @@ class Command:
     participant: str
     type: str
     payload: Mapping[str, Any]
+    # The routing slip: the commands its participant forwards once this one succeeded.
+    slip: Slip | None = None
 
     @property
     def message_id(self) -> str:
@@ -327,6 +330,7 @@ class _Decision:
         current = self.state.steps[event.step]
         if not self._decides(current, event):
             return self.ignored(f"late or duplicate success of {event.step}")
+        self._slip_results(event)
         step = self.definition.step(event.step)
         missing = _missing_result_fields(step, event.result)
         if missing:
@@ -342,7 +346,12 @@ class _Decision:
         current = self.state.steps[event.step]
         if not self._decides(current, event):
             return self.ignored(f"late or duplicate failure of {event.step}")
+        self._slip_results(event)
         self._set(event.step, status=StepStatus.REJECTED, reason=reason, due=None)
+        # A refused step never forwarded its slip: the steps after it were not sent.
+        for follower in self.definition.slips.get(event.step, ()):
+            if self.state.steps[follower.name].status is StepStatus.ACTIVE:
+                self._set(follower.name, status=StepStatus.PENDING, due=None)
         if self._pivot_passed():
             self.park(event.step, f"step {event.step} failed after the pivot: {reason}")
         else:
@@ -357,8 +366,21 @@ class _Decision:
             and event.attempt == current.attempt
         ):
             return self.ignored(f"stale error of {event.step} attempt {event.attempt}")
+        self._slip_results(event)
         self.attempt_failed(self.definition.step(event.step), event.reason)
         return self.done()
+
+    def _slip_results(self, event: StepEvent) -> None:
+        """The steps of a routing slip that succeeded before the one replying."""
+        for name, result in (event.slip_results or {}).items():
+            current = self.state.steps.get(name)
+            if current is None or current.status not in FORWARD_IN_PROGRESS:
+                continue
+            if _missing_result_fields(self.definition.step(name), result):
+                # A participant forwards only with the declared fields: not from a slip.
+                continue
+            self._set(name, status=StepStatus.SUCCEEDED, result=dict(result), due=None)
+            self.notes.append(f"step {name} succeeded (routing slip)")
 
     def _decides(self, current: StepState, event: StepEvent) -> bool:
         return (
@@ -394,21 +416,53 @@ class _Decision:
             if all(s is StepStatus.SUCCEEDED for s in statuses):
                 continue
             for step in stage:
-                if self.state.steps[step.name].status is StepStatus.PENDING:
+                current = self.state.steps[step.name]
+                if current.status is StepStatus.PENDING:
                     self.dispatch(step, 1)
-                    if self.state.status is not SagaStatus.RUNNING:
-                        return
+                elif current.status is StepStatus.ACTIVE and current.due is None:
+                    # Sent down a routing slip whose earlier steps are all decided, so no
+                    # deadline covers it any more (a participant replied instead of
+                    # forwarding): the orchestrator sends it itself.
+                    self.dispatch(step, current.attempt + 1)
+                if self.state.status is not SagaStatus.RUNNING:
+                    return
             return
         self.state = replace(self.state, status=SagaStatus.COMPLETED)
         self.notes.append("saga completed")
 
     def dispatch(self, step: Step, attempt: int) -> None:
+        followers = self.definition.slips.get(step.name, ())
         try:
             payload = render(step.payload, self.state.data, self.state.results)
+            later = frozenset(s.name for s in (step, *followers))
+            payloads = [
+                render(f.payload, self.state.data, self.state.results, later) for f in followers
+            ]
         except (KeyError, IndexError, TypeError) as e:
             self.park(step.name, f"cannot build the payload of step {step.name}: {e!r}")
             return
-        self._set(step.name, status=StepStatus.ACTIVE, attempt=attempt, due=self.now + step.timeout)
+        # The head of a slip answers for the whole run: its deadline covers every step.
+        due = self.now + step.timeout + sum(f.timeout for f in followers)
+        self._set(step.name, status=StepStatus.ACTIVE, attempt=attempt, due=due)
+        slip = None
+        if followers:
+            forwarded = []
+            for follower, follower_payload in zip(followers, payloads, strict=True):
+                n = self.state.steps[follower.name].attempt + 1
+                # In flight down the slip: no deadline of its own, the head's covers it.
+                self._set(follower.name, status=StepStatus.ACTIVE, attempt=n, due=None)
+                forwarded.append(
+                    SlipStep(
+                        step=follower.name,
+                        participant=follower.participant,
+                        type=follower.command,
+                        attempt=n,
+                        message_id=command_id(self.state.saga_id, follower.name, "command", n),
+                        payload=follower_payload,
+                        result=follower.result,
+                    )
+                )
+            slip = Slip(result=step.result, next=tuple(forwarded))
         self.commands.append(
             Command(
                 self.state.saga_id,
@@ -418,6 +472,7 @@ class _Decision:
                 step.participant,
                 step.command,
                 payload,
+                slip,
             )
         )
 

@@ -25,23 +25,50 @@ COMPENSATION_REPLIES = frozenset({"compensated", "compensation_failed"})
 
 
 def attempt_sent(definition: Saga, before: SagaState, reply: Envelope) -> tuple[str, float] | None:
-    """The action (``do`` / ``compensate``) and send time of the attempt ``reply`` answers."""
+    """The action (``do`` / ``compensate``) and send time of the attempt ``reply`` answers.
+
+    On a routing slip, a step after the run's first has no deadline of its own: its
+    span starts when the orchestrator sent the run (the first step's command).
+    """
     current = before.steps.get(reply.step)
-    if current is None or current.due is None:
+    if current is None:
         return None
+    if current.due is None:
+        return _slip_sent(definition, before, reply)
     step = definition.step(reply.step)
     if (
         current.status is StepStatus.ACTIVE
         and reply.attempt == current.attempt
         and reply.type in COMMAND_REPLIES
     ):
-        return "do", current.due - step.timeout
+        return "do", current.due - _deadline(definition, step.name)
     if (
         current.status is StepStatus.COMPENSATING
         and reply.attempt == current.comp_attempt
         and reply.type in COMPENSATION_REPLIES
     ):
         return "compensate", current.due - step.compensation_timeout
+    return None
+
+
+def _deadline(definition: Saga, name: str) -> float:
+    """How long after sending a command its deadline falls (a slip's covers its run)."""
+    run = (definition.step(name), *definition.slips.get(name, ()))
+    return sum(s.timeout for s in run)
+
+
+def _slip_sent(definition: Saga, before: SagaState, reply: Envelope) -> tuple[str, float] | None:
+    current = before.steps[reply.step]
+    if current.status is not StepStatus.ACTIVE or reply.type not in COMMAND_REPLIES:
+        return None
+    for head, followers in definition.slips.items():
+        state = before.steps[head]
+        if (
+            state.status is StepStatus.ACTIVE
+            and state.due is not None
+            and reply.step in (f.name for f in followers)
+        ):
+            return "do", state.due - _deadline(definition, head)
     return None
 
 

@@ -10,7 +10,8 @@ Rules (docs/sagas.md explains why each exists):
 - payload templates are JSON, and refer only to data that exists when the step
   runs: declared input fields, and declared result fields of steps of earlier
   stages (a compensation may not use its own step's result: it can overtake it);
-- timeouts and retry policies are sane.
+- timeouts and retry policies are sane;
+- with a routing slip, no payload literal uses the slip's placeholder key ``$result``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from orchestrator.definition import FIELD_TYPES, Parallel, Ref, Retry, Saga, Step
 from orchestrator.errors import DefinitionError, InvalidInputError
-from outbox_relay.message import is_valid_name
+from outbox_relay.message import RESULT_REF, is_valid_name
 
 
 def validate(saga: Saga) -> None:
@@ -83,6 +84,18 @@ def _problems(saga: Saga) -> Iterator[str]:
             )
         for step in stage:
             known_results[step.name] = step.result
+    if not isinstance(saga.routing_slip, bool):
+        yield f"routing_slip must be True or False, got {saga.routing_slip!r}"
+    elif saga.routing_slip:
+        for step in saga.flat_steps:
+            for path, _ in _walk(step.payload, ()):
+                if RESULT_REF in path:
+                    at = "".join(f"[{p!r}]" for p in path[: path.index(RESULT_REF) + 1])
+                    yield (
+                        f"step {step.name!r} payload{at}: the key {RESULT_REF!r} is the "
+                        "routing slip's placeholder; a literal cannot use it"
+                    )
+                    break
 
 
 def _step_problems(step: Step, in_group: bool, after_pivot: bool) -> Iterator[str]:

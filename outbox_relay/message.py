@@ -62,6 +62,57 @@ def is_valid_traceparent(value: object) -> bool:
     return match is not None and int(match[1], 16) != 0 and int(match[2], 16) != 0
 
 
+# A payload placeholder for a result produced earlier in the same routing slip,
+# ``{"$result": [step, key, *path]}``: the orchestrator cannot know that value when it
+# sends the slip, so the participant that forwards the next command fills it in.
+RESULT_REF = "$result"
+
+
+@dataclass(frozen=True, slots=True)
+class SlipStep:
+    """A command of a routing slip: sent by the participant of the step before it,
+    once that step succeeded, instead of a reply to the orchestrator."""
+
+    step: str
+    participant: str  # its queue
+    type: str
+    attempt: int
+    message_id: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    # The result fields this step must return before it may forward the slip.
+    result: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "participant": self.participant,
+            "type": self.type,
+            "attempt": self.attempt,
+            "message_id": self.message_id,
+            "payload": dict(self.payload),
+            "result": list(self.result),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Slip:
+    """The routing slip a command carries (the steps to forward to) and a reply carries
+    (what the slip's earlier steps returned). docs/messages.md has the contract."""
+
+    # The result fields the step of this command must return before it forwards.
+    result: tuple[str, ...] = ()
+    next: tuple[SlipStep, ...] = ()
+    # Step name -> result, for the steps of this slip that succeeded before this message.
+    results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "result": list(self.result),
+            "next": [s.to_dict() for s in self.next],
+            "results": {k: dict(v) for k, v in self.results.items()},
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """What every sagabox message carries. Immutable; see docs/messages.md."""
@@ -80,6 +131,8 @@ class Envelope:
     sent_at: float = 0.0
     # The W3C trace context of the saga's caller, so one trace follows the saga.
     traceparent: str | None = None
+    # Only in sagas defined with a routing slip (docs/sagas.md).
+    slip: Slip | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies the payload, which cost more
@@ -102,6 +155,8 @@ class Envelope:
         # fields, so messages without trace context stay readable by it.
         if self.traceparent is not None:
             data["traceparent"] = self.traceparent
+        if self.slip is not None:
+            data["slip"] = self.slip.to_dict()
         return data
 
 
@@ -184,6 +239,7 @@ def envelope_from_dict(data: object) -> Envelope:
             f"'traceparent' must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>, "
             f"ids not all zero), got {traceparent!r:.80}"
         )
+    slip = data.get("slip")
     return Envelope(
         message_id=message_id,
         correlation_id=correlation_id,
@@ -198,9 +254,60 @@ def envelope_from_dict(data: object) -> Envelope:
         reply_to=reply_to,
         sent_at=float(sent_at),
         traceparent=traceparent,
+        slip=None if slip is None else slip_from_dict(slip),
     )
 
 
+def slip_from_dict(data: object) -> Slip:
+    """Validate the ``slip`` field of an envelope."""
+    if not isinstance(data, dict):
+        raise MessageError("'slip' must be a JSON object")
+    unknown = set(data) - {"result", "next", "results"}
+    if unknown:
+        raise MessageError(f"'slip' has unknown fields: {sorted(unknown)}")
+    results = data.get("results", {})
+    if not isinstance(results, dict) or not all(
+        is_valid_name(k) and isinstance(v, dict) for k, v in results.items()
+    ):
+        raise MessageError("'slip.results' must map step names to JSON objects")
+    steps = data.get("next", [])
+    if not isinstance(steps, list):
+        raise MessageError("'slip.next' must be a list")
+    return Slip(
+        result=_names(data, "result", "slip.result"),
+        next=tuple(_slip_step(s) for s in steps),
+        results=results,
+    )
+
+
+def _slip_step(data: object) -> SlipStep:
+    if not isinstance(data, dict):
+        raise MessageError("'slip.next' must hold JSON objects")
+    unknown = set(data) - _SLIP_STEP_FIELDS
+    if unknown:
+        raise MessageError(f"a step of 'slip.next' has unknown fields: {sorted(unknown)}")
+    payload = data.get("payload", {})
+    if not isinstance(payload, dict):
+        raise MessageError("'payload' of a step of 'slip.next' must be a JSON object")
+    return SlipStep(
+        step=_name(data, "step"),
+        participant=_name(data, "participant"),
+        type=_name(data, "type"),
+        attempt=_int(data, "attempt", minimum=1),
+        message_id=_uuid(data, "message_id"),
+        payload=payload,
+        result=_names(data, "result", "result of a step of 'slip.next'"),
+    )
+
+
+def _names(data: Mapping[str, Any], key: str, label: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise MessageError(f"'{label}' must be a list of field names")
+    return tuple(value)
+
+
+_SLIP_STEP_FIELDS = frozenset(SlipStep.__dataclass_fields__)
 _FIELDS = frozenset(Envelope.__dataclass_fields__)
 
 

@@ -34,6 +34,7 @@ from participants.context import Context, Handler
 from participants.errors import BusinessFailure, SavepointNeeded
 from participants.inbox import CANCELLED, Inbox, InboxKey, StoredReply
 from participants.replies import failed, reply_to, succeeded
+from participants.slip import forward
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +77,8 @@ def handle(
     envelope: Envelope,
     inbox: Inbox,
 ) -> Envelope:
-    """Apply ``envelope`` at most once and add its reply to the outbox; return the reply.
+    """Apply ``envelope`` at most once and add its reply to the outbox; return the reply
+    (or, in a routing slip, the next command, forwarded instead of a reply).
 
     Runs in the caller's transaction; the caller commits. Raises MessageError for a
     message this participant cannot take, and lets technical errors through.
@@ -86,9 +88,16 @@ def handle(
         stored, key = _command(service, handler, session, envelope, inbox)
     else:
         stored, key = _compensation(service, handler, session, envelope, inbox)
+    record = None if key is None else (key, stored)
+    forwarded = forward(envelope, stored)
+    if forwarded is not None:
+        message, queue = forwarded
+        log.info("slip_forwarded", next_step=message.step, next_participant=queue)
+        inbox.send(message, queue, record=record)
+        return message
     reply = reply_to(envelope, stored)
     assert envelope.reply_to is not None  # resolve() checked it
-    inbox.send(reply, envelope.reply_to, record=None if key is None else (key, stored))
+    inbox.send(reply, envelope.reply_to, record=record)
     return reply
 
 

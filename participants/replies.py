@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from outbox_relay.errors import MessageError
-from outbox_relay.message import REPLY_ACTOR, Envelope, ReplyType, encode
+from outbox_relay.message import REPLY_ACTOR, Envelope, ReplyType, Slip, encode
 from outbox_relay.redaction import redact_text
 from outbox_relay.table import OutgoingMessage
 from participants.inbox import StoredReply
@@ -43,16 +43,20 @@ def reply_to(
         reply_to=None,
         sent_at=clock(),
         traceparent=command.traceparent,
+        # In a routing slip: what the steps before this one returned (participants.slip).
+        slip=Slip(results=command.slip.results) if command.slip and command.slip.results else None,
     )
 
 
 def outgoing(reply: Envelope, destination: str) -> OutgoingMessage:
-    """The outbox row carrying ``reply`` to the orchestrator's reply queue."""
+    """The outbox row carrying ``reply`` to the orchestrator's reply queue (or, in a
+    routing slip, a forwarded command to its participant's queue)."""
+    actor = REPLY_ACTOR if reply.kind == "reply" else reply.type
     return OutgoingMessage(
         message_id=reply.message_id,
         correlation_id=reply.correlation_id,
         destination=destination,
-        body=encode(reply, queue=destination, actor=REPLY_ACTOR),
+        body=encode(reply, queue=destination, actor=actor),
         # The relay publishes these as AMQP headers, where tracing tools look.
         headers={"traceparent": reply.traceparent} if reply.traceparent is not None else None,
     )

@@ -34,7 +34,7 @@ from sagabox.up import UpConfig, specs
 
 SEED = Seed(
     stock={"apple": 100, "pear": 20},
-    balances={"alice": 100_000, "bob": 50, "carol": 20_000, "dave": 100_000},
+    balances={"alice": 100_000, "bob": 50, "carol": 20_000, "dave": 100_000, "erin": 10_000},
 )
 
 
@@ -96,11 +96,33 @@ def scenario() -> list[Order]:
                 _order("carol", "pear", 1, 150),
                 "completed",
                 "v2: ship and points in parallel, then email",
+                2,
             )
             for _ in range(3)
         ],
         Order(
-            "place_order", _order("bob", "pear", 1, 5_000), "compensated", "v2: payment declined"
+            "place_order",
+            _order("bob", "pear", 1, 5_000),
+            "compensated",
+            "v2: payment declined",
+            2,
+        ),
+        *[
+            Order(
+                "place_order",
+                _order("erin", "apple", 1, 120),
+                "completed",
+                "v3: v1 on a routing slip, services pass it on",
+                3,
+            )
+            for _ in range(2)
+        ],
+        Order(
+            "place_order",
+            _order("bob", "apple", 1, 4_000),
+            "compensated",
+            "v3: payment declined down the slip",
+            3,
         ),
         Order(
             "collect_fare",

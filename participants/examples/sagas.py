@@ -103,6 +103,18 @@ place_order_v2 = Saga(
     ],
 )
 
+#: Version 3 is version 1 on a routing slip: each participant sends the next command
+#: itself, and the orchestrator hears from the last step or the one that stopped the
+#: run (5 messages and 2 transitions per saga instead of 8 and 5; docs/sagas.md).
+place_order_v3 = Saga(
+    "place_order",
+    version=3,
+    input=ORDER_INPUT,
+    description="reserve stock, charge, ship, award points, on a routing slip",
+    steps=[reserve, charge, ship, points],
+    routing_slip=True,
+)
+
 #: register fare -> pre-authorise -> capture (the pivot) -> record in the account.
 collect_fare = Saga(
     "collect_fare",
@@ -195,4 +207,4 @@ authorize_payment = Saga(
 
 def registry() -> Registry:
     """Every example saga, validated."""
-    return Registry([place_order, place_order_v2, collect_fare, authorize_payment])
+    return Registry([place_order, place_order_v2, place_order_v3, collect_fare, authorize_payment])

@@ -37,7 +37,7 @@ def plot(report: Report, path: Path) -> None:
     for axes in (left, right):
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize="small")
-    figure.suptitle("place_order v1 (4 steps, 10% declined) on this machine")
+    figure.suptitle("place_order (4 steps, 10% declined) on this machine")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -18,8 +18,9 @@ def own_cpu(system: SystemResult) -> float:
 def render(report: Report) -> str:
     o = report.options
     lines = [
-        f"place_order v1 (4 steps), 10% declined; closed loop, concurrency {o.concurrency}, "
-        f"{o.count} sagas per system",
+        f"place_order (4 steps), 10% declined; sagabox runs v{o.version}"
+        f"{' (routing slip)' if o.version == 3 else ''}; closed loop, concurrency "
+        f"{o.concurrency}, {o.count} sagas per system",
         "",
         f"{'system':<16}{'sagas/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
         f"{'commits':>9}  {'CPU ms/saga: pg + rabbit + own = total':<40}check",

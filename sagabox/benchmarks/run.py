@@ -48,6 +48,8 @@ class Options:
     preload: int = 0
     # Process counts: the main run is 1; each N > 1 runs sagabox's closed loop again.
     replicas: tuple[int, ...] = (1,)
+    # place_order version sagabox runs: 3 is version 1 on a routing slip.
+    version: int = 3
 
 
 @dataclass
@@ -84,6 +86,7 @@ def run(options: Options, say: Callable[[str], None]) -> Report:
         amqp_host=options.amqp_host,
         log_level=options.log_level,
         threads=options.threads,
+        version=options.version,
         settle=options.settle,
         prefix=options.prefix,
         say=say,

@@ -70,10 +70,13 @@ class _Live:
         self.supervisor = Supervisor(log_dir)
         self.waiter = _Waiter(self.saga_waiter, self.supervisor.dead)
         self.orchestrator = Orchestrator(self.engines["orchestrator"], registry())
+        self.version = bench.version
         self.started: list[str] = []
 
     def run_one(self, index: int) -> tuple[str, str]:
-        saga_id = self.orchestrator.start("place_order", workload.order(index), version=1)
+        saga_id = self.orchestrator.start(
+            "place_order", workload.order(index), version=self.version
+        )
         self.started.append(saga_id)
         return saga_id, self.waiter.wait(saga_id, self.timeout)
 
@@ -91,6 +94,8 @@ class SagaboxBench:
     prefix: str = "sagabox_bench"
     log_level: str = "WARNING"
     threads: int = 4
+    # place_order v1 (orchestrated) or v3 (the same steps on a routing slip).
+    version: int = 3
     timeout: float = 60.0
     keep: bool = False
     settle: float = STATS_SETTLE
@@ -155,13 +160,16 @@ class SagaboxBench:
                 for db, n in after.items()
             }
             main.commits = sum(main.commit_split.values())
-            main.messages = 2 * store.emitted_messages(self.url("orchestrator"), main.run.ids)
+            main.messages = store.messages(self.url("orchestrator"), main.run.ids)
             problems = self._problems(live.engines, initial, live.started)
             for r in (*runs.values(), *([opened] if opened else []), main.run):
                 problems += unexpected(r, workload.expected)
             if dead:
                 problems.append(f"processes died during the run: {dead}")
-            config = f"{_processes(replicas)} ({_worker(self.threads)}), log level {self.log_level}"
+            config = (
+                f"place_order v{self.version}{' (routing slip)' if self.version == 3 else ''}, "
+                f"{_processes(replicas)} ({_worker(self.threads)}), log level {self.log_level}"
+            )
             name = "sagabox" if replicas == 1 else f"sagabox x{replicas}"
             if preload:
                 name, config = f"{name}+preload", f"{config}, {preload:,} finished sagas preloaded"

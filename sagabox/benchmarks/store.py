@@ -58,15 +58,25 @@ def statuses(url: str, saga_ids: Sequence[str]) -> dict[str, tuple[str, str, int
     return {str(r[0]): (str(r[1]), str(r[2]), int(r[3])) for r in rows}
 
 
-def emitted_messages(url: str, saga_ids: Sequence[str]) -> int:
-    """Commands emitted by these sagas (each one is answered by one reply)."""
+def messages(url: str, saga_ids: Sequence[str]) -> int:
+    """Messages these sagas sent, from their history: the commands the orchestrator
+    emitted, the commands participants forwarded down a routing slip (one per result a
+    reply's ``slip_results`` carries) and the replies it applied."""
     with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT coalesce(sum(jsonb_array_length(emitted)), 0) FROM sagabox.saga_history"
-            " WHERE saga_id = ANY(%s::uuid[]) AND jsonb_typeof(emitted) = 'array'",
-            [list(saga_ids)],
-        ).fetchone()
+        row = conn.execute(_MESSAGES, [list(saga_ids)]).fetchone()
     return int(row[0]) if row else 0
+
+
+_MESSAGES = """
+SELECT coalesce(sum(CASE WHEN jsonb_typeof(emitted) = 'array'
+                         THEN jsonb_array_length(emitted) ELSE 0 END), 0)
+     + count(*) FILTER (WHERE event IN ('step_succeeded', 'step_failed', 'step_cancelled',
+                                        'step_errored', 'compensation_succeeded',
+                                        'compensation_failed'))
+     + coalesce(sum((SELECT count(*) FROM jsonb_object_keys(event_data -> 'slip_results')))
+                FILTER (WHERE jsonb_typeof(event_data -> 'slip_results') = 'object'), 0)
+FROM sagabox.saga_history WHERE saga_id = ANY(%s::uuid[])
+"""
 
 
 # A finished place_order saga as the orchestrator leaves it: row, state and five

@@ -76,7 +76,7 @@ def _register_saga(benchmarks: Any) -> None:
     parser = benchmarks.add_parser(
         "saga",
         help="end-to-end sagas/s, latency, commits and CPU per saga vs DBOS and Temporal",
-        description="Runs place_order v1 (10% declined) on sagabox's real processes, then the "
+        description="Runs place_order (10% declined) on sagabox's real processes, then the "
         "same saga on DBOS Transact and Temporal, and measures the database's and the broker's "
         "limits, side by side in one run (docs/benchmarks.md).",
     )
@@ -124,6 +124,14 @@ def _register_saga(benchmarks: Any) -> None:
         "prints each round and the median ratio (sweep, open loop, growth, replicas and "
         "limits run in the first round only)",
     )
+    parser.add_argument(
+        "--saga-version",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="place_order version sagabox runs: 3 (default) is version 1's steps on a "
+        "routing slip, 1 the orchestrator sending every command",
+    )
     parser.set_defaults(handler=handle_saga)
 
 
@@ -151,6 +159,7 @@ def handle_saga(args: argparse.Namespace) -> int:
         settle=args.settle,
         preload=args.preload,
         replicas=args.replicas,
+        version=args.saga_version,
     )
     report = run_saga(options, _say)
     print(render(report))

@@ -144,12 +144,15 @@ class System:
     def exited(self, name: str) -> int | None:
         return self.supervisor.dead().get(name)
 
-    def load(self, count: int, *, may_time_out: bool = False) -> None:
+    def load(self, count: int, *, may_time_out: bool = False, version: int = 1) -> None:
         """Start ``count`` place_order sagas now, remembering the outcome each must reach
-        (``may_time_out``: a fault longer than a step's timeouts may compensate any)."""
+        (``may_time_out``: a fault longer than a step's timeouts may compensate any;
+        ``version`` 3 runs on a routing slip)."""
         for _ in range(count):
             data, expect = order(self._next)
-            self.start_saga("place_order", data, EITHER if may_time_out else expect, version=1)
+            self.start_saga(
+                "place_order", data, EITHER if may_time_out else expect, version=version
+            )
 
     def start_saga(self, name: str, data: Mapping[str, Any], expect: str, version: int) -> str:
         saga_id = self.orchestrator.start(

@@ -66,9 +66,13 @@ def system(template_db: str, amqp_url: str, tmp_path: Path) -> Iterator[System]:
         yield System(urls, amqp_url, tmp_path / "logs", registry(), sagas=SAGAS)
 
 
-def test_killed_at_every_failpoint_and_restarted_loses_nothing(system: System) -> None:
+@pytest.mark.parametrize("version", [1, 3], ids=["orchestrated", "routing_slip"])
+def test_killed_at_every_failpoint_and_restarted_loses_nothing(
+    system: System, version: int
+) -> None:
     # In the order a saga reaches them: inventory dies before any reply exists, the
-    # orchestrator on the first replies, payment once a charge is committed.
+    # orchestrator on the first replies, payment once a charge is committed. On the
+    # routing slip (v3) payment's commit holds the shipping command it forwards.
     victims = {
         "inventory-1": "participant.before_commit",
         "orchestrator-1": "orchestrator.after_commit_before_ack",
@@ -76,15 +80,17 @@ def test_killed_at_every_failpoint_and_restarted_loses_nothing(system: System) -
     }
     armed = {name: {"SAGABOX_FAILPOINTS": f"{point}=exit"} for name, point in victims.items()}
     with running(system, armed):
-        system.load(8)
+        system.load(8, version=version)
         for name in victims:
             wait_for(partial(died, system, name), 30, f"{name} to die at its failpoint")
             system.start_one(name)  # the supervisor's restart, with nothing armed
-        system.load(4)
+        system.load(4, version=version)
         system.settle()
     system.assert_consistent()
     # payment died after its commit: the redelivered command found its inbox row.
-    assert "inbox_duplicate_skipped" in (system.log_dir / "payment-1.log").read_text()
+    payment_log = (system.log_dir / "payment-1.log").read_text()
+    assert "inbox_duplicate_skipped" in payment_log
+    assert ("slip_forwarded" in payment_log) is (version == 3)
 
 
 def test_terminated_database_connections_are_reopened(system: System) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outbox_relay.errors import MessageError
-from outbox_relay.message import Envelope, decode, encode, envelope_from_dict
+from outbox_relay.message import Envelope, Slip, SlipStep, decode, encode, envelope_from_dict
 
 JSON = st.recursive(
     st.none()
@@ -116,6 +116,95 @@ def test_to_dict_names_every_field_of_the_envelope() -> None:
         reply_to="q",
         sent_at=1.5,
         traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+        slip=Slip(
+            result=("r",),
+            next=(
+                SlipStep(
+                    step="next",
+                    participant="p",
+                    type="do",
+                    attempt=1,
+                    message_id=str(uuid.uuid4()),
+                    payload={"x": {"$result": ["st", "r"]}},
+                    result=("y",),
+                ),
+            ),
+            results={"before": {"z": 1}},
+        ),
     )
-    assert envelope.to_dict() == dataclasses.asdict(envelope)
-    assert "traceparent" not in dataclasses.replace(envelope, traceparent=None).to_dict()
+    # JSON has lists where the dataclasses hold tuples.
+    assert envelope.to_dict() == json.loads(json.dumps(dataclasses.asdict(envelope)))
+    assert decode(encode(envelope, queue="q", actor="a")) == envelope
+    bare = dataclasses.replace(envelope, traceparent=None, slip=None).to_dict()
+    assert "traceparent" not in bare and "slip" not in bare
+
+
+@pytest.mark.parametrize(
+    ("slip", "reason"),
+    [
+        ([], "'slip' must be a JSON object"),
+        ({"next": [], "extra": 1}, "unknown fields"),
+        ({"results": {"s": 1}}, "must map step names to JSON objects"),
+        ({"results": {"not a name": {}}}, "must map step names to JSON objects"),
+        ({"next": {}}, "'slip.next' must be a list"),
+        ({"next": [1]}, "must hold JSON objects"),
+        ({"result": "r"}, "list of field names"),
+        (
+            {
+                "next": [
+                    {
+                        "step": "s",
+                        "participant": "p",
+                        "type": "t",
+                        "attempt": 0,
+                        "message_id": str(uuid.uuid4()),
+                    }
+                ]
+            },
+            "'attempt' must be an integer",
+        ),
+        (
+            {
+                "next": [
+                    {"step": "s", "participant": "p", "type": "t", "attempt": 1, "message_id": "x"}
+                ]
+            },
+            "'message_id' is not a UUID",
+        ),
+        (
+            {
+                "next": [
+                    {
+                        "step": "s",
+                        "participant": "p",
+                        "type": "t",
+                        "attempt": 1,
+                        "message_id": str(uuid.uuid4()),
+                        "payload": [],
+                    }
+                ]
+            },
+            "must be a JSON object",
+        ),
+        (
+            {
+                "next": [
+                    {
+                        "step": "s",
+                        "participant": "p",
+                        "type": "t",
+                        "attempt": 1,
+                        "message_id": str(uuid.uuid4()),
+                        "who": 1,
+                    }
+                ]
+            },
+            "unknown fields",
+        ),
+    ],
+)
+def test_a_malformed_slip_is_refused_with_its_reason(slip: object, reason: str) -> None:
+    data = envelope().to_dict()
+    data["slip"] = slip
+    with pytest.raises(MessageError, match=reason):
+        envelope_from_dict(data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hypothesis import settings
@@ -65,7 +65,9 @@ SHOP = Saga(
         ),
     ],
 )
-Registry([SHOP])
+# The same saga on a routing slip: the stock service forwards the charge itself.
+SHOP_SLIP = replace(SHOP, version=2, routing_slip=True)
+Registry([SHOP, SHOP_SLIP])
 
 
 @dataclass
@@ -130,10 +132,13 @@ def to_envelope(state: SagaState, command: Command, now: float) -> Envelope:
         payload=command.payload,
         reply_to=DEFAULT_REPLY_QUEUE,
         sent_at=now,
+        slip=command.slip,
     )
 
 
 class SystemModel(RuleBasedStateMachine):
+    definition = SHOP
+
     @initialize(seed=st.integers(0, 2**32 - 1))
     def setup(self, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -144,6 +149,8 @@ class SystemModel(RuleBasedStateMachine):
         self.services = Services()
         self.participants = build_participants(self.services)
         self.inboxes = {name: MemoryInbox() for name in self.participants}
+        # Commands a participant sent down a routing slip (none without one).
+        self.forwarded = 0
 
     # -- the orchestrator's side -------------------------------------------------
 
@@ -156,7 +163,9 @@ class SystemModel(RuleBasedStateMachine):
     )
     def start_saga(self, customer: str, qty: int, amount: int) -> None:
         saga_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
-        t = start(SHOP, saga_id, {"customer": customer, "qty": qty, "amount": amount}, self.now)
+        t = start(
+            self.definition, saga_id, {"customer": customer, "qty": qty, "amount": amount}, self.now
+        )
         self.sagas[saga_id] = t.state
         self._emit(t.state, t.commands)
 
@@ -165,7 +174,7 @@ class SystemModel(RuleBasedStateMachine):
             return  # the reply inbox absorbs it
         self.reply_inbox.add(reply.message_id)
         state = self.sagas[reply.correlation_id]
-        t = transition(SHOP, state, event_from_reply(reply), self.now)
+        t = transition(self.definition, state, event_from_reply(reply), self.now)
         self.sagas[reply.correlation_id] = t.state
         self._emit(t.state, t.commands)
 
@@ -199,15 +208,15 @@ class SystemModel(RuleBasedStateMachine):
             message_id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
             correlation_id=saga_id,
             causation_id=None,
-            saga=SHOP.name,
-            version=SHOP.version,
+            saga=self.definition.name,
+            version=self.definition.version,
             step=step,
             attempt=attempt,
             kind="reply",
             type=type_,
             payload={},
         )
-        t = transition(SHOP, state, event_from_reply(bogus), self.now)
+        t = transition(self.definition, state, event_from_reply(bogus), self.now)
         assert not t.changed and not t.commands, f"a bogus reply moved the saga: {t.note}"
 
     @rule(jump=st.floats(0.1, 8.0))
@@ -216,7 +225,7 @@ class SystemModel(RuleBasedStateMachine):
         for saga_id, state in list(self.sagas.items()):
             wake = state.wake_at
             if wake is not None and wake <= self.now:
-                t = transition(SHOP, state, TimersDue(), self.now)
+                t = transition(self.definition, state, TimersDue(), self.now)
                 self.sagas[saga_id] = t.state
                 self._emit(t.state, t.commands)
 
@@ -231,11 +240,13 @@ class SystemModel(RuleBasedStateMachine):
         if message.kind == "reply":
             self._apply_reply(message)
         else:
-            participant = self.participants[_queue(message)]
+            participant = self.participants[self.definition.step(message.step).participant]
             inbox = self.inboxes[participant.name]
             before = len(inbox.sent)
             participant.handle(None, message, inbox=inbox)  # type: ignore[arg-type]
-            self.network.extend(reply for _, reply in inbox.sent[before:])
+            sent = [out for _, out in inbox.sent[before:]]
+            self.forwarded += sum(out.kind == "command" for out in sent)
+            self.network.extend(sent)
 
     @precondition(lambda self: bool(self.network))
     @rule(pick=st.integers(0, 10_000))
@@ -291,6 +302,11 @@ class SystemModel(RuleBasedStateMachine):
             else:
                 break
         assert not self.network
+        completed = any(s.status is SagaStatus.COMPLETED for s in self.sagas.values())
+        if not self.definition.routing_slip:
+            assert self.forwarded == 0
+        elif completed:
+            assert self.forwarded > 0, "a saga completed on a slip nobody forwarded"
         for saga_id, state in self.sagas.items():
             assert state.status in SETTLED
             effects = {what for sid, what in self.services.applied if sid == saga_id}
@@ -301,9 +317,15 @@ class SystemModel(RuleBasedStateMachine):
                 assert not held, f"compensated saga {saga_id} still holds {effects}"
 
 
-def _queue(message: Envelope) -> str:
-    return SHOP.step(message.step).participant
+class SlipSystemModel(SystemModel):
+    """The same world, the saga on a routing slip."""
+
+    definition = SHOP_SLIP
 
 
 SystemModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+SlipSystemModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=60, deadline=None
+)
 test_the_system_model = SystemModel.TestCase
+test_the_system_model_on_a_routing_slip = SlipSystemModel.TestCase
