@@ -5,7 +5,7 @@ Then the world turns kind, and the saga must settle, with its effects consistent
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +25,7 @@ from orchestrator.events import (
 )
 from orchestrator.machine import Command, start, transition
 from orchestrator.state import SETTLED, SagaState, SagaStatus, StepStatus
+from outbox_relay.message import Slip
 from tests.sagas import ORDER
 
 SIMPLE = Saga(
@@ -84,7 +85,12 @@ FANOUT = Saga(
     ],
 )
 
-Registry([ORDER, SIMPLE, FANOUT])
+# The same sagas on a routing slip: SIMPLE is one run of four steps, ORDER one of two
+# before its pivot.
+SIMPLE_SLIP = replace(SIMPLE, version=2, routing_slip=True)
+ORDER_SLIP = replace(ORDER, version=2, routing_slip=True)
+
+Registry([ORDER, SIMPLE, FANOUT, SIMPLE_SLIP, ORDER_SLIP])
 INPUTS: dict[str, dict[str, Any]] = {
     "order": {"order_id": "o1", "sku": "s", "qty": 1, "amount": 10},
     "simple": {"x": 1},
@@ -152,30 +158,48 @@ class World:
                 f"attempt {c.attempt} of {c.step} sent while attempt {prev.attempt} was live"
             )
 
-    def participant_handles(self, c: Command, behaviour: str) -> Event | None:
-        """What the participant replies, given how it behaves this time."""
+    def participant_handles(self, c: Command, behaviour: str) -> Event | Command | None:
+        """What the participant replies, given how it behaves this time (on a routing
+        slip, a success forwards the next command instead, as participants.slip does)."""
         memory = self.participants.setdefault(c.step, Participant())
         step = self.definition.step(c.step)
+        earlier = dict(c.slip.results) if c.slip is not None and c.slip.results else None
         if c.kind == "command":
             if memory.outcome is None:
                 if memory.compensated:
                     memory.outcome = "cancelled"  # cancel-before-do: the tombstone wins
                 elif behaviour == "error":
-                    return StepErrored(c.step, c.attempt, reason="boom", message_id=_id())
+                    return StepErrored(
+                        c.step, c.attempt, reason="boom", message_id=_id(), slip_results=earlier
+                    )
                 elif behaviour == "silent":
                     return None
                 else:
                     memory.outcome = behaviour  # succeeded | failed
             if memory.outcome == "succeeded":
+                result = {f: f"{c.step}-{f}" for f in step.result}
+                if c.slip is not None and c.slip.next:
+                    nxt, rest = c.slip.next[0], c.slip.next[1:]
+                    return Command(
+                        c.saga_id,
+                        nxt.step,
+                        nxt.attempt,
+                        "command",
+                        nxt.participant,
+                        nxt.type,
+                        nxt.payload,
+                        Slip(nxt.result, rest, {**c.slip.results, c.step: result}),
+                    )
                 return StepSucceeded(
-                    c.step,
-                    c.attempt,
-                    result={f: f"{c.step}-{f}" for f in step.result},
-                    message_id=_id(),
+                    c.step, c.attempt, result=result, message_id=_id(), slip_results=earlier
                 )
             if memory.outcome == "cancelled":
-                return StepCancelled(c.step, c.attempt, reason="cancelled", message_id=_id())
-            return StepFailed(c.step, c.attempt, reason="no", message_id=_id())
+                return StepCancelled(
+                    c.step, c.attempt, reason="cancelled", message_id=_id(), slip_results=earlier
+                )
+            return StepFailed(
+                c.step, c.attempt, reason="no", message_id=_id(), slip_results=earlier
+            )
         if behaviour == "error" and not memory.compensated:
             return CompensationFailed(c.step, c.attempt, reason="boom", message_id=_id())
         if behaviour == "silent" and not memory.compensated:
@@ -194,7 +218,7 @@ BEHAVIOURS = ("succeeded", "succeeded", "succeeded", "failed", "error", "silent"
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data(), st.sampled_from([ORDER, SIMPLE, FANOUT]))
+@given(st.data(), st.sampled_from([ORDER, SIMPLE, FANOUT, SIMPLE_SLIP, ORDER_SLIP]))
 def test_a_saga_settles_consistently_whatever_the_world_does(
     draw: st.DataObject, definition: Saga
 ) -> None:
@@ -278,8 +302,12 @@ def _check_compensation_order(world: World) -> None:
     assert positions == sorted(positions, reverse=True), "compensations run in reverse order"
     assert len(set(positions)) == len(positions)
     for name in world.compensation_order:
-        dispatched = any(c.step == name and c.kind == "command" for c in world.emitted)
-        assert dispatched, f"{name} compensated but never dispatched"
+        dispatched = any(
+            c.kind == "command"
+            and (c.step == name or (c.slip is not None and name in {s.step for s in c.slip.next}))
+            for c in world.emitted
+        )
+        assert dispatched, f"{name} compensated but never dispatched (nor down a slip)"
 
 
 def _check_replay(world: World) -> None:
