@@ -9,7 +9,10 @@ What it draws, following the machine's rules (orchestrator/machine.py):
   compensated itself: its effect is unknown);
 - compensation states chained in reverse order, ending ``Compensated``;
 - ``Parked`` (status ``failed``): where a step after the pivot, a step whose retries
-  run out with ``on_exhausted="park"``, or a compensation that gives up, stops.
+  run out with ``on_exhausted="park"``, or a compensation that gives up, stops;
+- on a routing slip, the edges a participant takes itself labelled ``forwarded``, and
+  a run whose first step gives up compensated from the run's last step back (any step
+  of the run may have taken effect).
 """
 
 from __future__ import annotations
@@ -68,9 +71,11 @@ def _states(definition: Saga) -> list[str]:
 def _forward_edges(definition: Saga) -> list[str]:
     lines = []
     previous = "[*]"
+    forwarded = {f.name for followers in definition.slips.values() for f in followers}
     for index, stage in enumerate(definition.stages):
         if len(stage) == 1:
-            lines.append(f"    {previous} --> {stage[0].name}")
+            how = " : forwarded" if stage[0].name in forwarded else ""
+            lines.append(f"    {previous} --> {stage[0].name}{how}")
             previous = stage[0].name
             continue
         lines.append(f"    {previous} --> fork_{index}")
@@ -95,8 +100,10 @@ def _failure_edges(definition: Saga) -> list[str]:
             # Backward recovery starts with the latest compensable step that may have
             # taken effect: one of an earlier stage or a sibling in this one; and the
             # step itself when it gave up (its effect is unknown) rather than refused.
-            upto = order[: order.index(stage[-1]) + 1]
+            upto = [*order[: order.index(stage[-1]) + 1]]
             refused = _latest_undo([s for s in upto if s is not step])
+            # On a routing slip, a step that gives up leaves its whole run unknown.
+            upto += definition.slips.get(step.name, ())
             lines.append(f"    {step.name} --> {refused} : failed")
             if step.retry.on_exhausted == "park":
                 lines.append(f"    {step.name} --> {PARKED} : retries exhausted")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.diagram import mermaid
-from participants.examples.sagas import collect_fare, place_order, place_order_v2, registry
+from participants.examples.sagas import (
+    collect_fare,
+    place_order,
+    place_order_v2,
+    place_order_v3,
+    registry,
+)
 from sagabox.cli import main
 
 
@@ -66,6 +72,16 @@ def test_place_order_v1_is_a_straight_line() -> None:
     text = mermaid(place_order)
     assert "<<fork>>" not in text
     assert "reserve_stock --> charge_payment" in edges(text)
+
+
+def test_a_routing_slip_draws_forwarded_edges_and_compensates_a_given_up_run_whole() -> None:
+    found = edges(mermaid(place_order_v3))
+    assert "reserve_stock --> charge_payment : forwarded" in found
+    assert "award_points --> Completed" in found
+    # The first step gave up: any step of its run may have run, the last is undone first.
+    assert "reserve_stock --> undo_award_points : retries exhausted" in found
+    assert "charge_payment --> undo_reserve_stock : failed" in found
+    assert not any(": forwarded" in e for e in edges(mermaid(place_order)))
 
 
 def test_the_cli_prints_the_latest_or_a_given_version(
