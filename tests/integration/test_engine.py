@@ -28,6 +28,8 @@ from orchestrator.service import ReplyConsumer
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.table import DEBOUNCING, OutboxWriter, outbox
+from participants import Context, Participant, Payload
+from participants.testing import MemoryInbox
 from tests.sagas import ORDER, registry
 from tests.support import DATA, Clock, count, reply
 
@@ -439,3 +441,51 @@ def test_long_running_counts_sagas_past_their_definitions_deadline(
     assert late([slow_order]) == 2
     assert late([dataclasses.replace(slow_order, version=2)]) == 0  # another version's
     assert late([], default=60) == 2
+
+
+def test_a_saga_on_a_routing_slip_runs_in_two_transitions_and_replays(
+    engine: Engine, clock: Clock
+) -> None:
+    slip = dataclasses.replace(ORDER, version=3, routing_slip=True)
+    orch = Orchestrator(engine, Registry([slip]), clock=clock)
+    inventory, payment = Participant("inventory"), Participant("payment")
+
+    @inventory.command("reserve_stock", compensation="release_stock")
+    def reserve(session: Any, payload: Payload, ctx: Context) -> dict[str, Any]:
+        return {"reservation_id": "r-1"}
+
+    @inventory.compensation("release_stock")
+    def release(session: Any, payload: Payload, ctx: Context) -> None:
+        return None
+
+    @payment.command("charge_payment", compensation="refund_payment")
+    def charge(session: Any, payload: Payload, ctx: Context) -> dict[str, Any]:
+        return {}
+
+    @payment.compensation("refund_payment")
+    def refund(session: Any, payload: Payload, ctx: Context) -> None:
+        return None
+
+    saga_id = orch.start("order", DATA)
+    [(destination, head)] = outbox_envelopes(engine)
+    # The command on the wire carries its run: the charge, with the id it will have.
+    assert destination == "inventory" and head.slip is not None
+    [charge_step] = head.slip.next
+    assert charge_step.message_id == command_id(saga_id, "charge", "command", 1)
+    forwarded = inventory.handle(None, head, inbox=MemoryInbox())  # type: ignore[arg-type]
+    assert (forwarded.kind, forwarded.step, forwarded.message_id) == (
+        "command",
+        "charge",
+        charge_step.message_id,
+    )
+    answer = payment.handle(None, forwarded, inbox=MemoryInbox())  # type: ignore[arg-type]
+    assert answer.kind == "reply" and answer.slip is not None
+    [outcome] = orch.handle_replies([answer])
+    assert outcome.status == "applied"
+    view = orch.get(saga_id)
+    assert view.state.steps["reserve"].result == {"reservation_id": "r-1"}
+    assert view.state.steps["charge"].status is StepStatus.SUCCEEDED
+    # Two transitions for two steps; the pivot (confirm) is the orchestrator's again.
+    assert [h["event"] for h in view.history] == ["started", "step_succeeded"]
+    assert [(e.step, e.slip) for _, e in outbox_envelopes(engine)[1:]] == [("confirm", None)]
+    assert orch.replay(saga_id) == view.state
