@@ -350,8 +350,9 @@ class _Decision:
         self._set(event.step, status=StepStatus.REJECTED, reason=reason, due=None)
         # A refused step never forwarded its slip: the steps after it were not sent.
         for follower in self.definition.slips.get(event.step, ()):
-            if self.state.steps[follower.name].status is StepStatus.ACTIVE:
-                self._set(follower.name, status=StepStatus.PENDING, due=None)
+            after = self.state.steps[follower.name]
+            if after.status is StepStatus.ACTIVE and after.due is None:
+                self._set(follower.name, status=StepStatus.PENDING)
         if self._pivot_passed():
             self.park(event.step, f"step {event.step} failed after the pivot: {reason}")
         else:
