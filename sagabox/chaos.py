@@ -79,6 +79,8 @@ class ChaosConfig:
     # Each pass through a commit-then-ack gap kills its process with this chance, so
     # that duplicates certainly reach the inboxes (a random SIGKILL rarely lands there).
     crash_probability: float = 0.01
+    # place_order versions the load takes turns with: 1 orchestrated, 3 on a routing slip.
+    versions: tuple[int, ...] = (1, 3)
     drain_timeout: float = 120.0
     admin_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     amqp_host: str = "127.0.0.1:5672"
@@ -132,8 +134,10 @@ class Report:
             ("invariant violations", str(len(self.violations))),
             ("time to drain", drain),
         ]
+        versions = ", ".join(f"v{v}" for v in config.versions)
         out = [
-            f"sagabox chaos: seed {config.seed}, {config.sagas} sagas over {config.duration:g} s"
+            f"sagabox chaos: seed {config.seed}, {config.sagas} sagas ({versions}) over "
+            f"{config.duration:g} s"
         ]
         out += [f"  {name:<28}{value}" for name, value in rows]
         out += [f"  violation: {v}" for v in self.violations]
@@ -240,7 +244,10 @@ class Chaos:
             data, expect = order(self.rng, i)
             saga_id = _retrying(
                 lambda data=data, i=i: orchestrator.start(  # type: ignore[misc]
-                    "place_order", data, version=1, idempotency_key=f"c{i}"
+                    "place_order",
+                    data,
+                    version=self.config.versions[i % len(self.config.versions)],
+                    idempotency_key=f"c{i}",
                 )
             )
             expected[saga_id] = expect

@@ -40,7 +40,25 @@ def register(subparsers: Any) -> None:
         default=0.01,
         help="chance that a process dies between its commit and its ack (failpoints)",
     )
+    parser.add_argument(
+        "--saga-versions",
+        type=versions,
+        default=(1, 3),
+        help="place_order versions the sagas take turns with: 1 orchestrated, 3 on a "
+        "routing slip (default: 1,3)",
+    )
     parser.set_defaults(handler=run)
+
+
+def versions(text: str) -> tuple[int, ...]:
+    """``1,3`` as (1, 3): place_order versions, each 1 or 3 (the services chaos runs)."""
+    try:
+        chosen = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of versions, e.g. 1,3") from None
+    if not chosen or not set(chosen) <= {1, 3}:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose among place_order versions 1 and 3")
+    return chosen
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=Replicas.parse(args.replicas),
         fault_interval=max(0.1, args.fault_interval),
         crash_probability=min(max(0.0, args.crash_probability), 1.0),
+        versions=args.saga_versions,
         admin_url=env.str("DEMO_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         amqp_host=env.str("DEMO_AMQP_HOST", "127.0.0.1:5672"),
     )

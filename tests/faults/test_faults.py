@@ -259,7 +259,7 @@ def test_a_short_chaos_run_passes(services: None, tmp_path: Path) -> None:
         seed=11,
         replicas=Replicas(),
         fault_interval=0.8,
-        crash_probability=0.05,
+        crash_probability=0.1,
         prefix=f"sagabox_chaos_{uuid.uuid4().hex[:8]}",
     )
     lines: list[str] = []

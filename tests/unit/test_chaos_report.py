@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 
+import pytest
+
 from outbox_relay.failpoints import Failpoints
 from sagabox.chaos import CRASH_POINTS, FAULT_KINDS, ChaosConfig, Report, _redeliveries, crash_env
+from sagabox.commands.chaos import versions
 
 
 def fired_everywhere(*, duplicates: int, redeliveries: int) -> Report:
@@ -53,3 +57,13 @@ def test_chaos_arms_the_commit_then_ack_gaps_with_its_seed() -> None:
     assert dict(armed.actions) == dict.fromkeys(CRASH_POINTS, "exit")
     assert set(armed.probabilities.values()) == {0.02}
     assert crash_env(ChaosConfig(10, 1, seed=7, crash_probability=0)) == {}
+
+
+def test_the_versions_a_chaos_run_takes_turns_with() -> None:
+    assert versions("1,3") == (1, 3) and versions("3") == (3,)
+    for bad in ("2", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            versions(bad)
+    assert Report().lines(ChaosConfig(24, 8, 1))[0] == (
+        "sagabox chaos: seed 1, 24 sagas (v1, v3) over 8 s"
+    )
