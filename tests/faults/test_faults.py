@@ -52,9 +52,42 @@ quick_charge = Saga(
 )
 
 
+#: Stock then charge on a routing slip: inventory forwards the charge itself, and the
+#: run's one deadline (2 s) covers both; past it, both steps are compensated.
+quick_slip = Saga(
+    "quick_slip",
+    version=1,
+    input={"sku": str, "customer": str, "amount": int},
+    routing_slip=True,
+    steps=[
+        Step(
+            "reserve_stock",
+            participant="inventory",
+            command="reserve_stock",
+            compensation="release_stock",
+            payload={"sku": data("sku"), "qty": 1},
+            result=("reservation_id",),
+            retry=Retry(max_attempts=1),
+            timeout=1,
+        ),
+        Step(
+            "charge_payment",
+            participant="payment",
+            command="charge_payment",
+            compensation="refund_payment",
+            payload={"customer": data("customer"), "amount": data("amount")},
+            result=("charge_id",),
+            retry=Retry(max_attempts=1),
+            timeout=1,
+        ),
+    ],
+)
+
+
 def registry() -> Registry:
-    """The example sagas and quick_charge (SAGABOX_SAGAS=tests.faults.test_faults:registry)."""
-    return Registry([*sagas.registry(), quick_charge])
+    """The example sagas, quick_charge and quick_slip
+    (SAGABOX_SAGAS=tests.faults.test_faults:registry)."""
+    return Registry([*sagas.registry(), quick_charge, quick_slip])
 
 
 SAGAS = "tests.faults.test_faults:registry"
@@ -211,6 +244,51 @@ def test_compensation_overtakes_a_command_held_by_a_paused_participant(system: S
         system.settle()
     system.assert_consistent()
     assert "command_tombstoned" in (system.log_dir / "payment-2.log").read_text()
+
+
+def test_a_slip_forwarded_to_a_paused_participant_is_compensated_whole(system: System) -> None:
+    # As above, down a routing slip: inventory reserves and forwards the charge to
+    # payment-1, which sleeps; the run's deadline passes, the orchestrator refunds (a
+    # tombstone at payment-2) and releases, and payment-1 later refuses the charge.
+    spec = system.specs["payment-1"]
+    env = {**spec.env, "SAGABOX_PARTICIPANT_BATCH_SIZE": "1"}
+    system.specs["payment-1"] = dataclasses.replace(spec, env=env)
+    with running(system):
+        system.specs["payment-2"] = dataclasses.replace(spec, name="payment-2")
+        system.load(3, version=3)
+        system.settle(30)
+        os.kill(system.pid("payment-1"), signal.SIGSTOP)
+        try:
+            held = [
+                system.start_saga(
+                    "quick_slip",
+                    {"sku": "apple", "customer": "alice", "amount": 7},
+                    "compensated",
+                    1,
+                )
+                for _ in range(2)
+            ]
+            time.sleep(1.0)  # both forwarded charges reach payment-1 and stay there
+            system.start_one("payment-2")
+            system.load(3, version=3)  # other orders flow through payment-2 meanwhile
+            outcomes = system.outcomes
+            wait_for(
+                lambda: all(outcomes()[s].status == "compensated" for s in held),
+                30,
+                "the held slips to be compensated while payment-1 sleeps",
+            )
+        finally:
+            os.kill(system.pid("payment-1"), signal.SIGCONT)
+        wait_for(
+            lambda: (system.log_dir / "payment-1.log").read_text().count("command_cancelled") >= 2,
+            20,
+            "payment-1 to refuse the late charges",
+        )
+        system.settle()
+    system.assert_consistent()
+    assert "command_tombstoned" in (system.log_dir / "payment-2.log").read_text()
+    # The charges were forwarded by inventory, never sent by the orchestrator.
+    assert (system.log_dir / "inventory-1.log").read_text().count("slip_forwarded") >= 2
 
 
 def test_a_poison_message_is_dead_lettered_while_other_traffic_flows(
