@@ -15,7 +15,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import Parallel, Registry, Retry, Saga, Step
+from orchestrator import Parallel, Registry, Retry, Saga, Step, result
 from orchestrator.events import (
     OperatorEvent,
     SagaAborted,
@@ -72,8 +72,40 @@ PARKY = Saga(
         ),
     ],
 )
-Registry([PARKY])
-INPUTS = {**INPUTS, "parky": {}}
+# Parks down routing slips: a run of three before the pivot, a run of two after it.
+SLIPPY = Saga(
+    "slippy",
+    version=1,
+    input={},
+    routing_slip=True,
+    steps=[
+        Step(
+            "a",
+            "p1",
+            "do_a",
+            compensation="undo_a",
+            result=("id",),
+            timeout=5,
+            retry=ONCE,
+            compensation_retry=ONCE,
+        ),
+        Step(
+            "b",
+            "p2",
+            "do_b",
+            compensation="undo_b",
+            payload={"id": result("a", "id")},
+            timeout=5,
+            retry=TWICE,
+        ),
+        Step("c", "p3", "do_c", compensation="undo_c", timeout=5, compensation_retry=ONCE),
+        Step("piv", "p4", "do_piv", pivot=True, timeout=5),
+        Step("x", "p5", "do_x", result=("t",), timeout=5, retry=TWICE),
+        Step("y", "p6", "do_y", timeout=5, retry=TWICE),
+    ],
+)
+Registry([PARKY, SLIPPY])
+INPUTS = {**INPUTS, "parky": {}, "slippy": {}}
 
 
 def operator_event(draw: st.DataObject, definition: Saga, state: SagaState) -> OperatorEvent:
@@ -133,7 +165,7 @@ def deliver(world: World, message: Command | object, behaviour: str) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data(), st.sampled_from([ORDER, SIMPLE, FANOUT, PARKY, PARKY]))
+@given(st.data(), st.sampled_from([ORDER, SIMPLE, FANOUT, PARKY, PARKY, SLIPPY, SLIPPY]))
 def test_operator_actions_keep_the_saga_consistent_and_replayable(
     draw: st.DataObject, definition: Saga
 ) -> None:
