@@ -191,6 +191,11 @@ class Saga:
         _SLIPS[id(self)] = (self, out)
         return out
 
+    def deadline_of(self, name: str) -> float:
+        """Seconds from sending step ``name``'s command to its deadline: its timeout,
+        plus, at the head of a routing slip, the timeouts of the steps it forwards to."""
+        return sum(s.timeout for s in (self.step(name), *self.slips.get(name, ())))
+
     @property
     def pivot_stage(self) -> int | None:
         for index, stage in enumerate(self.stages):

@@ -443,7 +443,7 @@ class _Decision:
             self.park(step.name, f"cannot build the payload of step {step.name}: {e!r}")
             return
         # The head of a slip answers for the whole run: its deadline covers every step.
-        due = self.now + step.timeout + sum(f.timeout for f in followers)
+        due = self.now + self.definition.deadline_of(step.name)
         self._set(step.name, status=StepStatus.ACTIVE, attempt=attempt, due=due)
         slip = None
         if followers:

@@ -41,7 +41,7 @@ def attempt_sent(definition: Saga, before: SagaState, reply: Envelope) -> tuple[
         and reply.attempt == current.attempt
         and reply.type in COMMAND_REPLIES
     ):
-        return "do", current.due - _deadline(definition, step.name)
+        return "do", current.due - definition.deadline_of(step.name)
     if (
         current.status is StepStatus.COMPENSATING
         and reply.attempt == current.comp_attempt
@@ -49,12 +49,6 @@ def attempt_sent(definition: Saga, before: SagaState, reply: Envelope) -> tuple[
     ):
         return "compensate", current.due - step.compensation_timeout
     return None
-
-
-def _deadline(definition: Saga, name: str) -> float:
-    """How long after sending a command its deadline falls (a slip's covers its run)."""
-    run = (definition.step(name), *definition.slips.get(name, ()))
-    return sum(s.timeout for s in run)
 
 
 def _slip_sent(definition: Saga, before: SagaState, reply: Envelope) -> tuple[str, float] | None:
@@ -68,7 +62,7 @@ def _slip_sent(definition: Saga, before: SagaState, reply: Envelope) -> tuple[st
             and state.due is not None
             and reply.step in (f.name for f in followers)
         ):
-            return "do", state.due - _deadline(definition, head)
+            return "do", state.due - definition.deadline_of(head)
     return None
 
 
