@@ -207,7 +207,20 @@ def test_rabbitmq_blackholed_then_refused(system: System) -> None:
     system.assert_consistent()
 
 
-def test_compensation_overtakes_a_command_held_by_a_paused_participant(system: System) -> None:
+# Two sagas whose charge payment-1 holds: quick_charge's, sent by the orchestrator, and
+# quick_slip's, forwarded by inventory down a routing slip (the run's deadline passes
+# while payment-1 sleeps, and both of its steps are compensated).
+HELD = {
+    "orchestrated": ("quick_charge", {"customer": "alice", "amount": 7}, 1),
+    "routing_slip": ("quick_slip", {"sku": "apple", "customer": "alice", "amount": 7}, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HELD))
+def test_compensation_overtakes_a_command_held_by_a_paused_participant(
+    system: System, case: str
+) -> None:
+    name, data, version = HELD[case]
     # payment-1 takes at most 2 messages (batches of 1, prefetch 2); a second replica
     # started later takes what the paused one has no room for.
     spec = system.specs["payment-1"]
@@ -215,19 +228,14 @@ def test_compensation_overtakes_a_command_held_by_a_paused_participant(system: S
     system.specs["payment-1"] = dataclasses.replace(spec, env=env)
     with running(system):
         system.specs["payment-2"] = dataclasses.replace(spec, name="payment-2")
-        system.load(4)
+        system.load(4, version=version)
         system.settle(30)
         os.kill(system.pid("payment-1"), signal.SIGSTOP)
         try:
-            held = [
-                system.start_saga(
-                    "quick_charge", {"customer": "alice", "amount": 7}, "compensated", 1
-                )
-                for _ in range(2)
-            ]
-            time.sleep(1.0)  # both commands reach payment-1 and stay there
+            held = [system.start_saga(name, data, "compensated", 1) for _ in range(2)]
+            time.sleep(1.0)  # both charges reach payment-1 and stay there
             system.start_one("payment-2")
-            system.load(4)  # other orders flow through payment-2 meanwhile
+            system.load(4, version=version)  # other orders flow through payment-2 meanwhile
             outcomes = system.outcomes
             wait_for(
                 lambda: all(outcomes()[s].status == "compensated" for s in held),
@@ -244,51 +252,9 @@ def test_compensation_overtakes_a_command_held_by_a_paused_participant(system: S
         system.settle()
     system.assert_consistent()
     assert "command_tombstoned" in (system.log_dir / "payment-2.log").read_text()
-
-
-def test_a_slip_forwarded_to_a_paused_participant_is_compensated_whole(system: System) -> None:
-    # As above, down a routing slip: inventory reserves and forwards the charge to
-    # payment-1, which sleeps; the run's deadline passes, the orchestrator refunds (a
-    # tombstone at payment-2) and releases, and payment-1 later refuses the charge.
-    spec = system.specs["payment-1"]
-    env = {**spec.env, "SAGABOX_PARTICIPANT_BATCH_SIZE": "1"}
-    system.specs["payment-1"] = dataclasses.replace(spec, env=env)
-    with running(system):
-        system.specs["payment-2"] = dataclasses.replace(spec, name="payment-2")
-        system.load(3, version=3)
-        system.settle(30)
-        os.kill(system.pid("payment-1"), signal.SIGSTOP)
-        try:
-            held = [
-                system.start_saga(
-                    "quick_slip",
-                    {"sku": "apple", "customer": "alice", "amount": 7},
-                    "compensated",
-                    1,
-                )
-                for _ in range(2)
-            ]
-            time.sleep(1.0)  # both forwarded charges reach payment-1 and stay there
-            system.start_one("payment-2")
-            system.load(3, version=3)  # other orders flow through payment-2 meanwhile
-            outcomes = system.outcomes
-            wait_for(
-                lambda: all(outcomes()[s].status == "compensated" for s in held),
-                30,
-                "the held slips to be compensated while payment-1 sleeps",
-            )
-        finally:
-            os.kill(system.pid("payment-1"), signal.SIGCONT)
-        wait_for(
-            lambda: (system.log_dir / "payment-1.log").read_text().count("command_cancelled") >= 2,
-            20,
-            "payment-1 to refuse the late charges",
-        )
-        system.settle()
-    system.assert_consistent()
-    assert "command_tombstoned" in (system.log_dir / "payment-2.log").read_text()
-    # The charges were forwarded by inventory, never sent by the orchestrator.
-    assert (system.log_dir / "inventory-1.log").read_text().count("slip_forwarded") >= 2
+    forwarded = (system.log_dir / "inventory-1.log").read_text().count("slip_forwarded")
+    # On the slip the held charges came from inventory, not from the orchestrator.
+    assert forwarded >= 2 if case == "routing_slip" else forwarded == 0
 
 
 def test_a_poison_message_is_dead_lettered_while_other_traffic_flows(
