@@ -92,7 +92,12 @@ def handle(
     forwarded = forward(envelope, stored)
     if forwarded is not None:
         message, queue = forwarded
-        log.info("slip_forwarded", next_step=message.step, next_participant=queue)
+        log.info(
+            "slip_forwarded",
+            next_step=message.step,
+            next_participant=queue,
+            next_message_id=message.message_id,
+        )
         inbox.send(message, queue, record=record)
         return message
     reply = reply_to(envelope, stored)

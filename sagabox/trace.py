@@ -54,6 +54,8 @@ HANDLED_EVENTS = frozenset(
 )
 REPLY_EVENTS = frozenset({"saga_transitioned", "reply_ignored"})
 PUBLISHED_EVENT = "outbox_published"  # one message; the relay logs it at debug
+# A participant sent the next command of a routing slip (participants/handling.py).
+FORWARDED_EVENT = "slip_forwarded"
 BATCH_EVENT = "outbox_batch_published"  # a confirmed batch, at info
 NON_PARTICIPANTS = frozenset({"orchestrator", "relay", "sagabox"})
 
@@ -78,7 +80,8 @@ class Entry:
 
 @dataclass
 class Hop:
-    """One command or compensation sent by the orchestrator, and where its time went."""
+    """One command or compensation sent by the orchestrator (or forwarded by a participant
+    down a routing slip), and where its time went."""
 
     message_id: str
     written: datetime
@@ -311,12 +314,17 @@ def log_entries(
 
 
 def hops(entries: Sequence[Entry]) -> list[Hop]:
-    """Each command or compensation the history says was emitted, timed hop by hop."""
+    """Each command or compensation the history says was emitted, and each command a
+    participant forwarded down a routing slip, timed hop by hop."""
     found: dict[str, Hop] = {}
     history = [e for e in entries if e.source == "history"]
     for entry in history:
         for message_id in entry.data.get("emitted") or []:
             found.setdefault(message_id, Hop(message_id, entry.at))
+    for entry in entries:
+        forwarded = entry.data.get("next_message_id") if entry.what == FORWARDED_EVENT else None
+        if isinstance(forwarded, str):
+            found.setdefault(forwarded, Hop(forwarded, entry.at, entry.data.get("next_step")))
     for entry in sorted(entries, key=lambda e: e.at):
         hop = found.get(entry.message_id or "")
         if hop is None:
@@ -349,6 +357,9 @@ def _learn(hop: Hop, entry: Entry) -> None:
         hop.type = hop.type or data.get("type")
         if isinstance(data.get("attempt"), int):
             hop.attempt = hop.attempt or data["attempt"]
+        if entry.what == FORWARDED_EVENT and hop.replied is None:
+            # Its answer was the next command, not a reply.
+            hop.replied, hop.outcome = entry.at, f"forwarded to {data.get('next_step')}"
         if entry.what == PUBLISHED_EVENT:
             if hop.published is None:
                 hop.published = entry.at

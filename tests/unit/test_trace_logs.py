@@ -150,3 +150,40 @@ def test_a_debug_line_of_a_message_in_a_batch_line_does_not_show_twice() -> None
     [hop, _] = trace.hops
     assert hop.published == T0 + timedelta(milliseconds=9)
     assert hop.published_by == "relay pid 4242"
+
+
+def test_a_command_forwarded_down_a_routing_slip_is_a_hop_of_its_own() -> None:
+    forwarded = "a4444444-4444-4444-8444-444444444444"
+    reply = "a5555555-5555-4555-8555-555555555555"
+
+    def line(ms: float, event: str, service: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "event": event,
+            "correlation_id": SAGA,
+            "timestamp": at(ms),
+            "service": service,
+            "pid": 7,
+            **fields,
+        }
+
+    records = [
+        line(10, "command_applied", "inventory", message_id=COMMAND, step="reserve"),
+        line(11, "slip_forwarded", "inventory", message_id=COMMAND, step="reserve",
+             next_step="charge", next_participant="payment", next_message_id=forwarded),
+        line(20, "command_applied", "payment", message_id=forwarded, step="charge", attempt=1),
+        line(30, "saga_transitioned", "orchestrator", message_id=reply, causation_id=forwarded,
+             step="charge", saga_event="step_succeeded"),
+    ]  # fmt: skip
+    rows = [history(0, "started", "reserve", [COMMAND])]
+    trace = build(SAGA, [store.DatabaseRows("127.0.0.1/orders", None, rows, [], [])], records)
+    head, charge = trace.hops
+    assert (head.message_id, head.outcome) == (COMMAND, "forwarded to charge")
+    assert head.replied == T0 + timedelta(milliseconds=11)
+    assert (charge.message_id, charge.step, charge.written) == (
+        forwarded,
+        "charge",
+        T0 + timedelta(milliseconds=11),
+    )
+    assert charge.handled == T0 + timedelta(milliseconds=20)
+    assert (charge.replied, charge.outcome) == (T0 + timedelta(milliseconds=30), "step_succeeded")
+    assert "forwarded to charge" in render_text(trace)
