@@ -79,16 +79,7 @@ SLIPPY = Saga(
     input={},
     routing_slip=True,
     steps=[
-        Step(
-            "a",
-            "p1",
-            "do_a",
-            compensation="undo_a",
-            result=("id",),
-            timeout=5,
-            retry=ONCE,
-            compensation_retry=ONCE,
-        ),
+        PARKY.flat_steps[0],  # a: parks at once, forward and backward
         Step(
             "b",
             "p2",
