@@ -22,6 +22,14 @@ claim comes back empty. A claim that came back empty while a batch was awaiting 
 confirms is repeated as soon as that batch's rows are deleted: the rows it skipped
 (later rows of the same correlation ids) are claimable from then on.
 
+Relays side by side: by default one relay at a time claims a database's rows. The
+first to take the database's advisory lock on its listening session leads; the
+others ask again every ``standby_poll_interval`` and take over once that session
+ends (the leader died, stopped, or its host went silent for the keepalives' ~11 s).
+Correctness never rests on the lock: claims skip locked rows and keep each
+correlation id's order, so two leaders for a moment (or ``exclusive=False``, every
+relay claiming) duplicate nothing; they only cost empty claims and smaller batches.
+
 Exceptions: pika and psycopg errors inside the loop are retried with backoff
 (and logged as ``relay_reconnecting``); those that escape become RelayError.
 """
@@ -33,6 +41,7 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -84,6 +93,22 @@ OLDEST_AGE = Gauge(
     ["database"],
 )
 PARKED_ROWS = Gauge("sagabox_relay_outbox_parked", "Parked outbox rows", ["database"])
+LEADING = Gauge(
+    "sagabox_relay_leading",
+    "1 while this relay claims the database's rows, 0 while it stands by",
+    ["database"],
+)
+
+# The leadership lives in the listening session; these make PostgreSQL end it (and
+# free the lock for a standby) within about 11 s of the leader's host going silent,
+# and make the leader notice the same, instead of the kernel's two hours.
+LEADER_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +134,11 @@ class RelayConfig:
     shutdown_timeout: float = 10.0
     # Seconds between backlog queries for the metrics; 0: never query.
     backlog_interval: float = 0.0
+    # One relay at a time claims a database's rows, the others standing by: relays
+    # side by side for availability then cost nothing. False: all of them claim.
+    exclusive: bool = True
+    # How often a relay standing by asks whether the leader's session has ended.
+    standby_poll_interval: float = 1.0
     topology: Topology = field(default_factory=Topology)
 
     def backoff(self, attempt: int) -> float:
@@ -174,6 +204,10 @@ class DatabaseRelay:
         self._stopping = stopping
         self._counters = counters
         self._wake = asyncio.Event()
+        self._leading = asyncio.Event()
+        if not config.exclusive:
+            self._leading.set()
+        self._leading_gauge = LEADING.labels(self.name)
         # Until when unannounced rows may come (a writer's DEBOUNCING NOTIFY).
         self._poll_until = float("-inf")
         self._empty_claims = 0  # in a row: each one doubles the active poll interval
@@ -217,6 +251,11 @@ class DatabaseRelay:
         attempt = 0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
+            if not self._leading.is_set():
+                # Standing by: both stop() and taking the lead (_listen) set _wake.
+                self._wake.clear()
+                await wait_event(self._wake, self._config.standby_poll_interval)
+                continue
             await self._slots.acquire()
             conn: AsyncConn | None = None
             try:
@@ -471,9 +510,14 @@ class DatabaseRelay:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.url, autocommit=True, connect_timeout=int(self._config.connect_timeout)
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=int(self._config.connect_timeout),
+                    **(LEADER_KEEPALIVES if self._config.exclusive else {}),
                 )
                 async with conn:
+                    if self._config.exclusive:
+                        await self._lead(conn)
                     await store.listen(conn)
                     if attempt:
                         log.info(
@@ -493,6 +537,11 @@ class DatabaseRelay:
                                 self._poll_until = loop.time() + self._config.active_window
                             self._wake.set()
             except (psycopg.Error, OSError) as e:
+                if self._config.exclusive and self._leading.is_set():
+                    # The lock went with the session: a standby may lead by now.
+                    self._leading.clear()
+                    self._leading_gauge.set(0)
+                    log.warning("relay_leadership_lost", database=self.name, host=self._host)
                 attempt += 1
                 delay = self._config.backoff(attempt)
                 log.warning(
@@ -505,6 +554,18 @@ class DatabaseRelay:
                     listener=True,
                 )
                 await asyncio.sleep(delay)
+
+    async def _lead(self, conn: AsyncConn) -> None:
+        """Return once this relay leads the database (the lock is ``conn``'s session's)."""
+        standing_by = False
+        while not await store.lead(conn):
+            if not standing_by:
+                standing_by = True
+                log.info("relay_standing_by", database=self.name, host=self._host)
+            await asyncio.sleep(self._config.standby_poll_interval)
+        log.info("relay_leading", database=self.name, host=self._host, took_over=standing_by)
+        self._leading_gauge.set(1)
+        self._leading.set()
 
 
 class Relay:

@@ -101,6 +101,11 @@ WHERE o.id = p.id
 
 LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 
+# One relay at a time leads a database (RelayConfig.exclusive): a session-level
+# advisory lock, so a leader's death (its connection closing) frees it at once. The
+# key is a hash of a fixed text, scoped by PostgreSQL to the current database.
+LEAD = "SELECT pg_try_advisory_lock(hashtextextended('sagabox.outbox relay', 0))"
+
 PROBE = "SELECT 1 FROM sagabox.outbox LIMIT 1"
 
 # For the metrics: one pass over the (usually small) table.
@@ -164,6 +169,13 @@ async def park(conn: AsyncConn, errors: Sequence[tuple[int, str]]) -> None:
 async def listen(conn: AsyncConn) -> None:
     """Subscribe an autocommit connection to the writers' NOTIFY channel."""
     await conn.execute(LISTEN)
+
+
+async def lead(conn: AsyncConn) -> bool:
+    """Take this database's relay leadership for the session of ``conn``, if free."""
+    cur = await conn.execute(LEAD)
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def probe(conn: AsyncConn) -> None:

@@ -33,6 +33,8 @@ class RelaySettings:
     retry_backoff_max: float = 300.0
     reconnect_backoff_max: float = 5.0
     shutdown_timeout: float = 10.0
+    exclusive: bool = True
+    standby_poll_interval: float = 1.0
     quorum_queues: bool = False
     quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     log_level: str = "INFO"
@@ -63,6 +65,8 @@ class RelaySettings:
             retry_backoff_max=env.float("RELAY_RETRY_BACKOFF_MAX", 300.0),
             reconnect_backoff_max=env.float("RELAY_RECONNECT_BACKOFF_MAX", 5.0, minimum=0.01),
             shutdown_timeout=env.float("RELAY_SHUTDOWN_TIMEOUT", 10.0),
+            exclusive=env.bool("RELAY_EXCLUSIVE", True),
+            standby_poll_interval=env.float("RELAY_STANDBY_POLL_INTERVAL", 1.0, minimum=0.01),
             quorum_queues=env.bool("QUORUM_QUEUES", False),
             quorum_delivery_limit=env.int(
                 "QUORUM_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT, minimum=1
@@ -89,6 +93,8 @@ class RelaySettings:
             retry_backoff_max=self.retry_backoff_max,
             reconnect_backoff_max=self.reconnect_backoff_max,
             shutdown_timeout=self.shutdown_timeout,
+            exclusive=self.exclusive,
+            standby_poll_interval=self.standby_poll_interval,
             # The backlog query only runs when someone scrapes the metrics.
             backlog_interval=self.metrics_interval if self.metrics_port else 0.0,
             topology=Topology(quorum=self.quorum_queues, delivery_limit=self.quorum_delivery_limit),

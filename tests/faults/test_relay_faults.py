@@ -4,15 +4,18 @@ database connections killed, SIGTERM under load. Nothing is ever lost."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from sagabox import faults
 from tests import servers
 from tests.integration.test_relay import (
     consume,
+    leads,
     make_rows,
     outbox_count,
     relay_config,
@@ -160,3 +163,83 @@ def test_run_relay_cli_end_to_end(db_url: str, amqp_url: str, tmp_path: Path) ->
     assert '"relay_started"' in text and '"relay_stopped"' in text
     assert '"published": 50' in text
     assert sorted(message_ids(amqp_url)) == sorted(m for m, *_ in rows)
+
+
+def log_says(path: Path, event: str) -> bool:
+    return path.exists() and f'"{event}"' in path.read_text()
+
+
+def standby_pair(
+    db_url: str, amqp_url: str, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], Path, subprocess.Popen[bytes], Path]:
+    """Two relay processes on one database: the first leads, the second stands by."""
+    fast = {"SAGABOX_RELAY_STANDBY_POLL_INTERVAL": "0.2"}
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = relay_process([db_url], amqp_url, first_log, **fast)
+    wait_until(lambda: log_says(first_log, "relay_leading"), 20, "the first relay to lead")
+    second = relay_process([db_url], amqp_url, second_log, **fast)
+    wait_until(lambda: log_says(second_log, "relay_standing_by"), 20, "the second to stand by")
+    return first, first_log, second, second_log
+
+
+def test_a_standby_takes_over_from_a_killed_leader_and_nothing_is_lost(
+    db_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    first, _, second, second_log = standby_pair(db_url, amqp_url, tmp_path)
+    rows = make_rows(3_000)
+    try:
+        for chunk in range(0, 1_500, 100):
+            write_rows(db_url, rows[chunk : chunk + 100])
+        first.kill()  # mid-stream: some of those rows may be claimed, unconfirmed
+        first.wait(timeout=10)
+        for chunk in range(1_500, 3_000, 100):
+            write_rows(db_url, rows[chunk : chunk + 100])
+        wait_until(lambda: outbox_count(db_url) == 0, 30, "the standby to drain the outbox")
+        assert log_says(second_log, "relay_leading")
+        assert '"took_over": true' in second_log.read_text()
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+    received = message_ids(amqp_url)
+    assert set(received) == {message_id for message_id, *_ in rows}
+
+
+@pytest.mark.skipif(not faults.iptables_available(), reason="iptables is not installed/usable")
+def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
+    db_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    """The leader's listening session goes silent (its packets dropped): PostgreSQL's
+    keepalives end that session, the lock goes to the standby, and the old leader,
+    once its own keepalives give up, stands by."""
+    first, first_log, second, second_log = standby_pair(db_url, amqp_url, tmp_path)
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted"
+        ).fetchone()
+    assert row is not None and row[0] > 0, "the leader's session is not on TCP"
+    rule = ["INPUT", "-p", "tcp", "-i", "lo", "--sport", str(row[0]), "-j", "DROP"]
+    rows = make_rows(200)
+    faults.block(rule)
+    try:
+        silenced = time.monotonic()
+        wait_until(lambda: log_says(second_log, "relay_leading"), 40, "the standby to lead")
+        took = time.monotonic() - silenced
+        # keepalives: 5 s idle, then 3 probes 2 s apart
+        assert 8 < took < 30, took
+        write_rows(db_url, rows)
+        wait_until(lambda: outbox_count(db_url) == 0, 30, "the new leader to drain")
+        wait_until(
+            lambda: log_says(first_log, "relay_leadership_lost"), 30, "the old leader to notice"
+        )
+        wait_until(
+            lambda: log_says(first_log, "relay_standing_by"), 30, "the old leader to stand by"
+        )
+        assert leads(db_url)
+    finally:
+        faults.unblock(rule)
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+    assert set(message_ids(amqp_url)) == {message_id for message_id, *_ in rows}

@@ -286,3 +286,5 @@ def test_metrics_match_the_databases(template_db: str, amqp_url: str, tmp_path: 
         assert total(relay, "sagabox_relay_confirm_seconds_count") >= 1
         assert total(relay, "sagabox_relay_outbox_parked") == 0
         assert total(relay, "sagabox_relay_parked_total") == 0
+        # The only relay leads both databases it serves (the orchestrator's, payment's).
+        assert total(relay, "sagabox_relay_leading") == 2

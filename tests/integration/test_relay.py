@@ -294,7 +294,10 @@ def test_the_table_stays_small_while_20000_rows_flow(db_url: str, amqp_url: str)
     assert queue_depth(amqp_url) == total
 
 
-def test_two_relays_keep_the_order_of_each_correlation_id(db_url: str, amqp_url: str) -> None:
+@pytest.mark.parametrize("exclusive", [True, False], ids=["one_leads", "both_claim"])
+def test_two_relays_keep_the_order_of_each_correlation_id(
+    db_url: str, amqp_url: str, exclusive: bool
+) -> None:
     sagas = [str(uuid.uuid4()) for _ in range(200)]
     per_saga = 8
 
@@ -307,12 +310,18 @@ def test_two_relays_keep_the_order_of_each_correlation_id(db_url: str, amqp_url:
         return rows
 
     write_rows(db_url, [r for step in range(per_saga // 2) for r in rows_for(step)])
-    config = relay_config([db_url], amqp_url, batch_size=100)
-    with running_relay(config), running_relay(config):
+    config = relay_config([db_url], amqp_url, batch_size=100, exclusive=exclusive)
+    with running_relay(config) as first, running_relay(config) as second:
         # The second half is written while both relays run, interleaved by saga.
         for step in range(per_saga // 2, per_saga):
             write_rows(db_url, rows_for(step))
         wait_until(lambda: outbox_count(db_url) == 0, 60, "the outbox to drain")
+    counts = sorted([first.counters.published, second.counters.published])
+    if exclusive:
+        assert counts == [0, len(sagas) * per_saga]  # the other stood by
+        assert second.counters.claims == 0 or first.counters.claims == 0
+    else:
+        assert sum(counts) >= len(sagas) * per_saga
     received = consume(amqp_url, count=len(sagas) * per_saga)
     seen: dict[str, list[int]] = {}
     for _, body in received:
@@ -321,6 +330,42 @@ def test_two_relays_keep_the_order_of_each_correlation_id(db_url: str, amqp_url:
     assert len(received) == len(sagas) * per_saga
     for saga in sagas:
         assert seen[saga] == list(range(per_saga)), saga
+
+
+def leads(db_url: str) -> bool:
+    """Whether some session holds the database's relay leadership (its advisory lock)."""
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+        assert row is not None
+        return int(row[0]) > 0
+
+
+def test_a_standby_relay_takes_over_when_the_leader_stops(db_url: str, amqp_url: str) -> None:
+    config = relay_config([db_url], amqp_url, standby_poll_interval=0.1)
+    leader = RelayThread(config)
+    leader.thread.start()
+    try:
+        wait_until(lambda: leads(db_url), 10, "the first relay to lead")
+        with running_relay(config) as standby:
+            first = make_rows(50)
+            write_rows(db_url, first)
+            wait_until(lambda: outbox_count(db_url) == 0, 20, "the leader to drain")
+            assert standby.counters.claims == 0
+            leader.stop()
+            second = make_rows(50)
+            write_rows(db_url, second)
+            wait_until(lambda: outbox_count(db_url) == 0, 20, "the standby to take over")
+            assert standby.counters.published == 50
+    finally:
+        if leader.thread.is_alive():
+            leader.stop()
+    assert leader.relay.counters.published == 50
+    assert sorted(p.message_id for p, _ in consume(amqp_url)) == sorted(
+        m for m, *_ in first + second
+    )
 
 
 def test_a_row_behind_an_unconfirmed_one_goes_out_once_that_one_is_deleted(

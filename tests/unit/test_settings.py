@@ -77,6 +77,8 @@ def test_tls_urls_reach_every_component_unchanged() -> None:
         ("SAGABOX_QUORUM_QUEUES", "maybe", "relay"),
         ("SAGABOX_RELAY_BATCH_SIZE", "many", "relay"),
         ("SAGABOX_RELAY_CONFIRM_TIMEOUT", "0", "relay"),
+        ("SAGABOX_RELAY_EXCLUSIVE", "sometimes", "relay"),
+        ("SAGABOX_RELAY_STANDBY_POLL_INTERVAL", "0", "relay"),
         ("SAGABOX_PARTICIPANT_THREADS", "0", "participant"),
         ("SAGABOX_PARTICIPANT_WORKER", "fibers", "participant"),
         ("SAGABOX_PARTICIPANT_BATCH_SIZE", "0", "participant"),
@@ -93,6 +95,15 @@ def test_a_bad_value_is_one_error_naming_its_variable_and_no_secret(
     assert variable in message
     assert SECRET not in message
     assert "\n" not in message
+
+
+def test_relays_lead_one_at_a_time_unless_told_otherwise() -> None:
+    assert RelaySettings.from_env(Env({})).relay_config().exclusive
+    shared = RelaySettings.from_env(
+        Env({"SAGABOX_RELAY_EXCLUSIVE": "false", "SAGABOX_RELAY_STANDBY_POLL_INTERVAL": "0.5"})
+    ).relay_config()
+    assert not shared.exclusive
+    assert shared.standby_poll_interval == 0.5
 
 
 def test_a_secret_file_is_read_and_an_unreadable_one_is_named(tmp_path: Path) -> None:
