@@ -10,7 +10,8 @@ What it draws, following the machine's rules (orchestrator/machine.py):
 - compensation states chained in reverse order, ending ``Compensated``;
 - ``Parked`` (status ``failed``): where a step after the pivot, a step whose retries
   run out with ``on_exhausted="park"``, or a compensation that gives up, stops;
-- on a routing slip, the edges a participant takes itself labelled ``forwarded``, and
+- on a routing slip, the edges a participant takes itself labelled ``forwarded`` (``,
+  same transaction`` when the next step is that participant's own), and
   a run whose first step gives up compensated from the run's last step back (any step
   of the run may have taken effect).
 """
@@ -72,12 +73,18 @@ def _forward_edges(definition: Saga) -> list[str]:
     lines = []
     previous = "[*]"
     forwarded = {f.name for followers in definition.slips.values() for f in followers}
+    participant = ""
     for index, stage in enumerate(definition.stages):
         if len(stage) == 1:
-            how = " : forwarded" if stage[0].name in forwarded else ""
+            how = ""
+            if stage[0].name in forwarded:
+                # The same service handles it in the step before's transaction.
+                same = stage[0].participant == participant
+                how = " : forwarded, same transaction" if same else " : forwarded"
             lines.append(f"    {previous} --> {stage[0].name}{how}")
-            previous = stage[0].name
+            previous, participant = stage[0].name, stage[0].participant
             continue
+        participant = ""
         lines.append(f"    {previous} --> fork_{index}")
         for step in stage:
             lines.append(f"    fork_{index} --> {step.name}")

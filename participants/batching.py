@@ -48,12 +48,8 @@ from structlog.contextvars import bound_contextvars
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
 from participants.broker import malformed
-from participants.middleware import (
-    ParticipantMiddleware,
-    log_context,
-    redelivered,
-    reject,
-)
+from participants.context import log_context
+from participants.middleware import ParticipantMiddleware, redelivered, reject
 
 if TYPE_CHECKING:
     from participants.worker import Binding

@@ -67,3 +67,31 @@ class Handler:
     fn: Callable[[Session, Payload, Context], Any]
     # For a command: the name of the compensation that undoes it, if any.
     compensation: str | None = None
+
+
+CONTEXT_KEYS = (
+    "service",
+    "correlation_id",
+    "message_id",
+    "causation_id",
+    "saga",
+    "version",
+    "step",
+    "attempt",
+    "type",
+)
+
+
+def log_context(service: str, envelope: Envelope) -> dict[str, Any]:
+    """What every log line about ``envelope`` carries."""
+    return {
+        "service": service,
+        "correlation_id": envelope.correlation_id,
+        "message_id": envelope.message_id,
+        "causation_id": envelope.causation_id,
+        "saga": envelope.saga,
+        "version": envelope.version,
+        "step": envelope.step,
+        "attempt": envelope.attempt,
+        "type": envelope.type,
+    }

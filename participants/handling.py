@@ -26,11 +26,12 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
+from structlog.contextvars import bound_contextvars
 
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
 from outbox_relay.redaction import redact_text
-from participants.context import Context, Handler
+from participants.context import Context, Handler, log_context
 from participants.errors import BusinessFailure, SavepointNeeded
 from participants.inbox import CANCELLED, Inbox, InboxKey, StoredReply
 from participants.replies import failed, reply_to, succeeded
@@ -80,30 +81,89 @@ def handle(
     """Apply ``envelope`` at most once and add its reply to the outbox; return the reply
     (or, in a routing slip, the next command, forwarded instead of a reply).
 
+    A slip's next command for this same participant is handled here too, in the same
+    transaction, with no message in between (see _locally); what goes out is the
+    answer of the last step handled.
+
     Runs in the caller's transaction; the caller commits. Raises MessageError for a
     message this participant cannot take, and lets technical errors through.
     """
+    return _handle(service, handlers, session, envelope, inbox)
+
+
+Records = tuple[tuple[InboxKey, StoredReply], ...]
+
+
+def _handle(
+    service: str,
+    handlers: Mapping[str, Handler],
+    session: Session,
+    envelope: Envelope,
+    inbox: Inbox,
+    *,
+    records: Records = (),
+) -> Envelope:
     handler = resolve(handlers, envelope)
     if handler.action == "command":
         stored, key = _command(service, handler, session, envelope, inbox)
     else:
         stored, key = _compensation(service, handler, session, envelope, inbox)
-    record = None if key is None else (key, stored)
+    if key is not None:
+        records = (*records, (key, stored))
     forwarded = forward(envelope, stored)
     if forwarded is not None:
         message, queue = forwarded
+        local = queue == service and message.type in handlers
         log.info(
             "slip_forwarded",
             next_step=message.step,
             next_participant=queue,
             next_message_id=message.message_id,
+            local=local,
         )
-        inbox.send(message, queue, record=record)
+        if local:
+            answer = _locally(service, handlers, session, message, inbox, records=records)
+            if answer is not None:
+                return answer
+        inbox.send(message, queue, records=records)
         return message
     reply = reply_to(envelope, stored)
     assert envelope.reply_to is not None  # resolve() checked it
-    inbox.send(reply, envelope.reply_to, record=record)
+    inbox.send(reply, envelope.reply_to, records=records)
     return reply
+
+
+def _locally(
+    service: str,
+    handlers: Mapping[str, Handler],
+    session: Session,
+    message: Envelope,
+    inbox: Inbox,
+    *,
+    records: Records,
+) -> Envelope | None:
+    """Handle the slip's next command, bound for this participant, right here.
+
+    It is handled as if it had come back through the broker (its own inbox key, its
+    own message id, logged with its own context), minus the outbox row, the relay,
+    the broker and a second transaction. The earlier steps' replies are stored with
+    the last one's, in one statement. If it fails technically it is rolled back to
+    its savepoint and None is returned: it then goes out as a message after all, so
+    that the steps before it commit and its own retries are its own.
+    """
+    try:
+        with inbox.savepoint(always=True), bound_contextvars(**log_context(service, message)):
+            return _handle(service, handlers, session, message, inbox, records=records)
+    except SavepointNeeded:
+        raise  # the whole transaction is redone with savepoints
+    except Exception as e:
+        log.warning(
+            "slip_local_failed",
+            next_step=message.step,
+            next_message_id=message.message_id,
+            error=redact_text(str(e) or repr(e)),
+        )
+        return None
 
 
 # The reply, and the claimed inbox key to store it on (None: nothing to store).

@@ -8,7 +8,7 @@ duplicate gets the same answer without running anything again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -66,8 +66,12 @@ class Inbox(Protocol):
         """Drop a row claimed in this transaction, so that a later attempt runs afresh."""
         ...
 
-    def savepoint(self) -> AbstractContextManager[object]:
-        """A nested transaction around the business logic, rolled back if it raises."""
+    def savepoint(self, *, always: bool = False) -> AbstractContextManager[object]:
+        """A nested transaction around the business logic, rolled back if it raises.
+
+        An optimistic inbox runs without one (a refusal raises SavepointNeeded),
+        unless ``always``.
+        """
         ...
 
     def send(
@@ -75,10 +79,11 @@ class Inbox(Protocol):
         reply: Envelope,
         destination: str,
         *,
-        record: tuple[InboxKey, StoredReply] | None = None,
+        records: Sequence[tuple[InboxKey, StoredReply]] = (),
     ) -> None:
         """Add the reply, bound for queue ``destination``, to the outbox in this transaction.
 
-        With ``record``, also store that reply on the row claimed under that key.
+        Also store each of ``records`` (a reply) on the row claimed under its key: the
+        message's own, and those of the steps of a routing slip handled here before it.
         """
         ...

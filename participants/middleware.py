@@ -29,6 +29,7 @@ from structlog.contextvars import bind_contextvars, bound_contextvars, unbind_co
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
 from outbox_relay.redaction import redact_text
+from participants.context import CONTEXT_KEYS, log_context
 
 if TYPE_CHECKING:
     from participants.worker import Binding
@@ -47,33 +48,6 @@ REDELIVERED = Counter(
     "Messages RabbitMQ delivered again after an earlier delivery was never acked",
     ["participant"],
 )
-
-CONTEXT_KEYS = (
-    "service",
-    "correlation_id",
-    "message_id",
-    "causation_id",
-    "saga",
-    "version",
-    "step",
-    "attempt",
-    "type",
-)
-
-
-def log_context(service: str, envelope: Envelope) -> dict[str, Any]:
-    """What every log line about ``envelope`` carries."""
-    return {
-        "service": service,
-        "correlation_id": envelope.correlation_id,
-        "message_id": envelope.message_id,
-        "causation_id": envelope.causation_id,
-        "saga": envelope.saga,
-        "version": envelope.version,
-        "step": envelope.step,
-        "attempt": envelope.attempt,
-        "type": envelope.type,
-    }
 
 
 class _Parsed(threading.local):

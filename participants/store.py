@@ -9,7 +9,7 @@ wait until that one ends, so two deliveries of one command never both apply it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import Any, cast
@@ -69,8 +69,8 @@ class PostgresInbox:
     def release(self, key: InboxKey) -> None:
         self.session.connection().exec_driver_sql(_RELEASE, _key_params(key))
 
-    def savepoint(self) -> AbstractContextManager[object]:
-        if self.optimistic:
+    def savepoint(self, *, always: bool = False) -> AbstractContextManager[object]:
+        if self.optimistic and not always:
             return _no_savepoint()
         return self.session.begin_nested()
 
@@ -79,19 +79,16 @@ class PostgresInbox:
         reply: Envelope,
         destination: str,
         *,
-        record: tuple[InboxKey, StoredReply] | None = None,
+        records: Sequence[tuple[InboxKey, StoredReply]] = (),
     ) -> None:
         along = None
-        if record is not None:
-            key, stored = record
-            along = Along(
-                (_RECORD,),
-                {
-                    **{f"r_{k}": v for k, v in _key_params(key).items()},
-                    "r_type": stored.type,
-                    "r_payload": _dumps(stored.payload),
-                },
-            )
+        if records:
+            params: dict[str, Any] = {}
+            for i, (key, stored) in enumerate(records):
+                params.update({f"r{i}_{k}": v for k, v in _key_params(key).items()})
+                params[f"r{i}_type"] = stored.type
+                params[f"r{i}_payload"] = _dumps(stored.payload)
+            along = Along(tuple(_record(i) for i in range(len(records))), params)
         self.writer.write(self.session.connection(), [outgoing(reply, destination)], along=along)
 
 
@@ -110,10 +107,14 @@ _LOCK = (
     f"SELECT message_id, status, reply_type, reply_payload FROM {_TABLE} WHERE {_KEY} FOR UPDATE"
 )
 _RELEASE = f"DELETE FROM {_TABLE} WHERE {_KEY}"
-_RECORD = (
-    f"UPDATE {_TABLE} SET reply_type = %(r_type)s, reply_payload = %(r_payload)s::jsonb "
-    "WHERE saga_id = %(r_saga_id)s AND step = %(r_step)s AND action = %(r_action)s"
-)
+
+
+def _record(i: int) -> str:
+    """The statement storing the ``i``-th reply of a send() on its claimed inbox row."""
+    return (
+        f"UPDATE {_TABLE} SET reply_type = %(r{i}_type)s, reply_payload = %(r{i}_payload)s::jsonb "
+        f"WHERE saga_id = %(r{i}_saga_id)s AND step = %(r{i}_step)s AND action = %(r{i}_action)s"
+    )
 
 
 @contextmanager

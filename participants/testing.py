@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,19 +57,26 @@ class MemoryInbox:
         del self.rows[key]
 
     @contextmanager
-    def savepoint(self) -> Iterator[object]:
+    def savepoint(self, *, always: bool = False) -> Iterator[object]:
         self.calls.append(("savepoint", None))
-        yield self
+        # Rolled back like a database's: the rows claimed and messages sent inside.
+        rows, sent = dict(self.rows), list(self.sent)
+        try:
+            yield self
+        except BaseException:
+            self.rows.clear()
+            self.rows.update(rows)
+            self.sent[:] = sent
+            raise
 
     def send(
         self,
         reply: Envelope,
         destination: str,
         *,
-        record: tuple[InboxKey, StoredReply] | None = None,
+        records: Sequence[tuple[InboxKey, StoredReply]] = (),
     ) -> None:
-        if record is not None:
-            key, stored = record
+        for key, stored in records:
             self.calls.append(("record", key))
             entry = self.rows[key]
             self.rows[key] = InboxEntry(entry.message_id, entry.status, stored)

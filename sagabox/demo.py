@@ -141,18 +141,35 @@ def scenario() -> list[Order]:
             {"customer": "dave", "amount": 1_200, "card": "tok_visa"},
             "completed",
             "authorised, checked, settled",
+            1,
         ),
         Order(
             "authorize_payment",
             {"customer": "dave", "amount": 50_000, "card": "tok_visa"},
             "compensated",
             "risk check refused: authorisation voided",
+            1,
         ),
         Order(
             "authorize_payment",
             {"customer": "dave", "amount": 100, "card": "4111111111111111"},
             "compensated",
             "raw card number: PCI check refused",
+            1,
+        ),
+        Order(
+            "authorize_payment",
+            {"customer": "dave", "amount": 1_500, "card": "tok_visa"},
+            "completed",
+            "v2: authorise, risk, PCI in one payment transaction, then settle",
+            2,
+        ),
+        Order(
+            "authorize_payment",
+            {"customer": "dave", "amount": 60_000, "card": "tok_visa"},
+            "compensated",
+            "v2: risk refused inside that transaction: authorisation voided",
+            2,
         ),
     ]
 

@@ -57,6 +57,7 @@ PUBLISHED_EVENT = "outbox_published"  # one message; the relay logs it at debug
 # A participant sent the next command of a routing slip (participants/handling.py).
 FORWARDED_EVENT = "slip_forwarded"
 BATCH_EVENT = "outbox_batch_published"  # a confirmed batch, at info
+IN_PROCESS = "in process"  # a slip's next step handled where the step before it was
 NON_PARTICIPANTS = frozenset({"orchestrator", "relay", "sagabox"})
 
 
@@ -324,7 +325,12 @@ def hops(entries: Sequence[Entry]) -> list[Hop]:
     for entry in entries:
         forwarded = entry.data.get("next_message_id") if entry.what == FORWARDED_EVENT else None
         if isinstance(forwarded, str):
-            found.setdefault(forwarded, Hop(forwarded, entry.at, entry.data.get("next_step")))
+            step = entry.data.get("next_step")
+            sent = found.setdefault(forwarded, Hop(forwarded, entry.at, step))
+            if entry.data.get("local") and sent.published is None:
+                # Handled by the participant that forwarded it, in the same transaction:
+                # no outbox row, relay or broker in between.
+                sent.published, sent.published_by = entry.at, IN_PROCESS
     for entry in sorted(entries, key=lambda e: e.at):
         hop = found.get(entry.message_id or "")
         if hop is None:
@@ -359,7 +365,8 @@ def _learn(hop: Hop, entry: Entry) -> None:
             hop.attempt = hop.attempt or data["attempt"]
         if entry.what == FORWARDED_EVENT and hop.replied is None:
             # Its answer was the next command, not a reply.
-            hop.replied, hop.outcome = entry.at, f"forwarded to {data.get('next_step')}"
+            where = f" ({IN_PROCESS})" if data.get("local") else ""
+            hop.replied, hop.outcome = entry.at, f"forwarded to {data.get('next_step')}{where}"
         if entry.what == PUBLISHED_EVENT:
             if hop.published is None:
                 hop.published = entry.at

@@ -6,6 +6,8 @@ orchestrator's public definition API, never a participant's internals.
 
 from __future__ import annotations
 
+import dataclasses
+
 from orchestrator import Parallel, Registry, Retry, Saga, Step, data, result
 
 # Technical failures (no reply in time) are retried a few times before giving up.
@@ -205,6 +207,26 @@ authorize_payment = Saga(
 )
 
 
+#: v1 on a routing slip: authorise, risk and PCI are one run of steps of the payment
+#: service, which handles them in one local transaction (no message between them) and
+#: replies once; the orchestrator then sends the settlement (the pivot).
+authorize_payment_v2 = dataclasses.replace(
+    authorize_payment,
+    version=2,
+    description="authorise, check risk and PCI in one payment transaction, then settle",
+    routing_slip=True,
+)
+
+
 def registry() -> Registry:
     """Every example saga, validated."""
-    return Registry([place_order, place_order_v2, place_order_v3, collect_fare, authorize_payment])
+    return Registry(
+        [
+            place_order,
+            place_order_v2,
+            place_order_v3,
+            collect_fare,
+            authorize_payment,
+            authorize_payment_v2,
+        ]
+    )

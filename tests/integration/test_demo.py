@@ -32,8 +32,12 @@ def test_the_demo_runs_every_example_saga_and_its_checks_hold(
     report = "\n".join(lines)
     assert code == 0, report
     assert "all checks hold" in report
-    assert report.count("[ok]") == 20 and "UNEXPECTED" not in report
+    assert report.count("[ok]") == 22 and "UNEXPECTED" not in report
     # The processes `sagabox up` runs, one of each, named as it names them.
     for name in ("relay", "orchestrator", "inventory", "payment", "shipping", "loyalty"):
         log = (tmp_path / "logs" / f"{name}-1.log").read_text()
         assert log, f"{name} wrote no log"
+    # authorize_payment v2: the payment service handled its slip's next steps itself.
+    payment = (tmp_path / "logs" / "payment-1.log").read_text()
+    assert '"next_step":"risk"' in payment.replace(" ", "")
+    assert '"local":true' in payment.replace(" ", "")

@@ -6,6 +6,7 @@ and a probe participant whose handler writes a visible effect before deciding.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -18,9 +19,10 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
 import migrations
-from outbox_relay.message import REPLY_ACTOR, Envelope, decode
+from outbox_relay.message import REPLY_ACTOR, Envelope, Slip, SlipStep, decode
 from outbox_relay.table import outbox
 from participants import BusinessFailure, Context, Participant, Payload, purge_inbox
+from participants.errors import SavepointNeeded
 from participants.examples import BRANCHES
 from participants.examples.inventory import add_stock, available, inventory, reserved, stock
 from participants.tables import command_inbox
@@ -355,3 +357,85 @@ def test_the_worker_purge_thread_deletes_old_rows(engine: Engine, probe: Probe) 
     finally:
         purge.before_worker_shutdown(None, None)  # type: ignore[arg-type]
     assert inbox_rows(engine, old.correlation_id) == {}
+
+
+# ------------------------------ a routing slip whose next step is this participant's
+
+
+def step_rows(engine: Engine, saga_id: str) -> dict[str, str | None]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(command_inbox).where(command_inbox.c.saga_id == uuid.UUID(saga_id))
+        ).all()
+    return {row.step: row.reply_type for row in rows}
+
+
+def one_then_two(two: dict[str, Any]) -> Envelope:
+    """probe_do as step one, its slip naming probe_do again (step two, same participant)."""
+    second = SlipStep(
+        step="two",
+        participant="probe",
+        type="probe_do",
+        attempt=1,
+        message_id=str(uuid.uuid4()),
+        payload=two,
+        result=(),
+    )
+    first = command("probe_do", {}, step="one", reply_to="orders.r")
+    return dataclasses.replace(first, slip=Slip(result=(), next=(second,)))
+
+
+def test_the_next_step_here_runs_in_the_same_transaction_and_one_reply_goes_out(
+    engine: Engine, probe: Probe
+) -> None:
+    cmd = one_then_two({})
+    reply = handle(engine, probe.participant, cmd)
+    assert probe_effect(engine, cmd.correlation_id) == 2
+    assert step_rows(engine, cmd.correlation_id) == {"one": "succeeded", "two": "succeeded"}
+    [(destination, sent)] = replies(engine, cmd.correlation_id)
+    assert destination == "orders.r" and sent == reply
+    assert (sent.type, sent.step) == ("succeeded", "two")
+    assert sent.slip is not None and set(sent.slip.results) == {"one"}
+    # A redelivery of the first command runs nothing and answers the same.
+    again = handle(engine, probe.participant, cmd)
+    assert (again.type, again.step, again.payload) == ("succeeded", "two", sent.payload)
+    assert probe.calls == ["do:1", "do:1"] and probe_effect(engine, cmd.correlation_id) == 2
+
+
+def test_a_refusal_of_the_next_step_here_keeps_the_first_step(engine: Engine, probe: Probe) -> None:
+    cmd = one_then_two({"refuse": True})
+    reply = handle(engine, probe.participant, cmd)
+    assert (reply.type, reply.step) == ("failed", "two")
+    assert probe_effect(engine, cmd.correlation_id) == 1
+    assert step_rows(engine, cmd.correlation_id) == {"one": "succeeded", "two": "failed"}
+    assert [e for _, e in replies(engine, cmd.correlation_id)] == [reply]
+
+
+def test_an_optimistic_worker_redoes_a_refusal_of_the_next_step_with_savepoints(
+    engine: Engine, probe: Probe
+) -> None:
+    cmd = one_then_two({"refuse": True})
+    with Session(engine) as session, session.begin():
+        with pytest.raises(SavepointNeeded):
+            probe.participant.handle(session, cmd, optimistic=True)
+        session.rollback()
+    assert step_rows(engine, cmd.correlation_id) == {}
+    assert handle(engine, probe.participant, cmd).type == "failed"
+    assert probe_effect(engine, cmd.correlation_id) == 1
+
+
+@pytest.mark.parametrize("optimistic", [False, True])
+def test_a_technical_error_in_the_next_step_here_sends_it_as_a_message(
+    engine: Engine, probe: Probe, optimistic: bool
+) -> None:
+    cmd = one_then_two({"crash": True})
+    with Session(engine) as session, session.begin():
+        sent = probe.participant.handle(session, cmd, optimistic=optimistic)
+    # The first step committed; the second, rolled back to its savepoint, left as a
+    # command to this participant's own queue, to be retried on its own.
+    assert probe_effect(engine, cmd.correlation_id) == 1
+    assert step_rows(engine, cmd.correlation_id) == {"one": "succeeded"}
+    [(destination, forwarded)] = replies(engine, cmd.correlation_id)
+    assert destination == "probe" and forwarded == sent
+    assert (forwarded.kind, forwarded.step, forwarded.type) == ("command", "two", "probe_do")
+    assert cmd.slip is not None and forwarded.message_id == cmd.slip.next[0].message_id

@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.diagram import mermaid
 from participants.examples.sagas import (
+    authorize_payment_v2,
     collect_fare,
     place_order,
     place_order_v2,
@@ -82,6 +83,13 @@ def test_a_routing_slip_draws_forwarded_edges_and_compensates_a_given_up_run_who
     assert "reserve_stock --> undo_award_points : retries exhausted" in found
     assert "charge_payment --> undo_reserve_stock : failed" in found
     assert not any(": forwarded" in e for e in edges(mermaid(place_order)))
+
+
+def test_a_slip_step_of_the_same_service_is_drawn_as_one_transaction() -> None:
+    found = edges(mermaid(authorize_payment_v2))
+    assert "authorize --> risk : forwarded, same transaction" in found
+    assert "risk --> pci : forwarded, same transaction" in found
+    assert "pci --> settle" in found  # the pivot: the orchestrator sends it
 
 
 def test_the_cli_prints_the_latest_or_a_given_version(

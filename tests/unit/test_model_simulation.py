@@ -67,7 +67,15 @@ SHOP = Saga(
 )
 # The same saga on a routing slip: the stock service forwards the charge itself.
 SHOP_SLIP = replace(SHOP, version=2, routing_slip=True)
-Registry([SHOP, SHOP_SLIP])
+# Both steps on one service (the store): it handles the charge in the reserve's
+# transaction, no message in between.
+SHOP_LOCAL = replace(
+    SHOP,
+    version=3,
+    routing_slip=True,
+    steps=[replace(step, participant="store") for step in SHOP.steps if isinstance(step, Step)],
+)
+Registry([SHOP, SHOP_SLIP, SHOP_LOCAL])
 
 
 @dataclass
@@ -82,8 +90,9 @@ class Services:
 
 
 def build_participants(world: Services) -> dict[str, Participant]:
-    stock, bank = Participant("stock"), Participant("bank")
+    stock, bank, store = Participant("stock"), Participant("bank"), Participant("store")
 
+    @store.command("reserve", compensation="release")
     @stock.command("reserve", compensation="release")
     def reserve(_: Any, payload: Payload, ctx: Context) -> dict[str, Any]:
         qty = int(payload["qty"])
@@ -94,11 +103,13 @@ def build_participants(world: Services) -> dict[str, Participant]:
         world.applied.append((ctx.saga_id, "reserve"))
         return {"reservation": f"r-{ctx.saga_id[:8]}"}
 
+    @store.compensation("release")
     @stock.compensation("release")
     def release(_: Any, payload: Payload, ctx: Context) -> None:
         world.stock += world.reservations.pop(ctx.saga_id)
         world.applied.append((ctx.saga_id, "release"))
 
+    @store.command("charge", compensation="refund")
     @bank.command("charge", compensation="refund")
     def charge(_: Any, payload: Payload, ctx: Context) -> dict[str, Any]:
         customer, amount = str(payload["customer"]), int(payload["amount"])
@@ -109,13 +120,14 @@ def build_participants(world: Services) -> dict[str, Participant]:
         world.applied.append((ctx.saga_id, "charge"))
         return {}
 
+    @store.compensation("refund")
     @bank.compensation("refund")
     def refund(_: Any, payload: Payload, ctx: Context) -> None:
         customer, amount = world.charges.pop(ctx.saga_id)
         world.funds[customer] += amount
         world.applied.append((ctx.saga_id, "refund"))
 
-    return {"stock": stock, "bank": bank}
+    return {"stock": stock, "bank": bank, "store": store}
 
 
 def to_envelope(state: SagaState, command: Command, now: float) -> Envelope:
@@ -149,7 +161,8 @@ class SystemModel(RuleBasedStateMachine):
         self.services = Services()
         self.participants = build_participants(self.services)
         self.inboxes = {name: MemoryInbox() for name in self.participants}
-        # Commands a participant sent down a routing slip (none without one).
+        # Commands a participant sent down a routing slip, or handled itself (none
+        # without one).
         self.forwarded = 0
 
     # -- the orchestrator's side -------------------------------------------------
@@ -245,7 +258,11 @@ class SystemModel(RuleBasedStateMachine):
             before = len(inbox.sent)
             participant.handle(None, message, inbox=inbox)  # type: ignore[arg-type]
             sent = [out for _, out in inbox.sent[before:]]
-            self.forwarded += sum(out.kind == "command" for out in sent)
+            # A reply carrying the results of earlier steps followed a forward.
+            self.forwarded += sum(
+                out.kind == "command" or (out.slip is not None and bool(out.slip.results))
+                for out in sent
+            )
             self.network.extend(sent)
 
     @precondition(lambda self: bool(self.network))
@@ -323,9 +340,19 @@ class SlipSystemModel(SystemModel):
     definition = SHOP_SLIP
 
 
+class LocalSlipSystemModel(SystemModel):
+    """Both steps on one service: the slip's next step is handled where it is."""
+
+    definition = SHOP_LOCAL
+
+
 SystemModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 SlipSystemModel.TestCase.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None
 )
+LocalSlipSystemModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=60, deadline=None
+)
 test_the_system_model = SystemModel.TestCase
 test_the_system_model_on_a_routing_slip = SlipSystemModel.TestCase
+test_the_system_model_with_a_slip_handled_in_one_service = LocalSlipSystemModel.TestCase

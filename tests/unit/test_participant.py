@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 from outbox_relay.errors import ConfigurationError, MessageError
 from outbox_relay.message import REPLY_ACTOR, Envelope, decode, encode
 from participants import BusinessFailure, Context, DefinitionError, Participant, Payload
+from participants.context import CONTEXT_KEYS
 from participants.handling import on_commit
 from participants.inbox import InboxKey, StoredReply
-from participants.middleware import CONTEXT_KEYS, ParticipantMiddleware, Rejected, parsed
+from participants.middleware import ParticipantMiddleware, Rejected, parsed
 from participants.replies import outgoing, reply_to, technical_failure
 from participants.testing import MemoryInbox, command, compensation, retry
 from participants.worker import RetryPolicy, bind

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay.message import RESULT_REF, Envelope, Slip, SlipStep, decode
 from participants import BusinessFailure, Context, Participant, Payload
+from participants.inbox import InboxKey
 from participants.replies import outgoing, reply_to, technical_failure
 from participants.slip import fill
 from participants.testing import MemoryInbox, command, retry
@@ -120,3 +121,125 @@ def test_fill_resolves_placeholders_and_leaves_literals() -> None:
     }
     with pytest.raises(KeyError):
         fill({RESULT_REF: ["b", "x"]}, results)
+
+
+# ------------------------------------------- a slip's next step on the same participant
+
+WRAP_ID = str(uuid.uuid4())
+
+
+@pytest.fixture
+def counter() -> dict[str, int]:
+    return {"buy": 0, "wrap": 0}
+
+
+@pytest.fixture
+def store(counter: dict[str, int]) -> Participant:
+    """buy, then wrap, on one participant: wrap refuses or breaks when told to."""
+    store = Participant("store")
+
+    @store.command("buy")
+    def buy(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+        counter["buy"] += 1
+        return {"order": 7}
+
+    @store.command("wrap")
+    def wrap(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+        counter["wrap"] += 1
+        if payload.get("refuse"):
+            raise BusinessFailure("no paper")
+        if payload.get("break"):
+            raise RuntimeError("printer on fire")
+        return {"parcel": f"p-{payload['order']}"}
+
+    return store
+
+
+def buy_then_wrap(wrap_payload: dict[str, Any], *, then_ship: bool = True) -> Envelope:
+    wrap = SlipStep(
+        step="wrap",
+        participant="store",
+        type="wrap",
+        attempt=1,
+        message_id=WRAP_ID,
+        payload={"order": {RESULT_REF: ["buy", "order"]}, **wrap_payload},
+        result=("parcel",),
+    )
+    ship = SlipStep(
+        step="ship",
+        participant="shipping",
+        type="schedule",
+        attempt=1,
+        message_id=NEXT_ID,
+        payload={"parcel": {RESULT_REF: ["wrap", "parcel"]}},
+        result=(),
+    )
+    slip = Slip(result=("order",), next=(wrap, ship)[: 2 if then_ship else 1])
+    return dataclasses.replace(command("buy", {}, step="buy"), slip=slip)
+
+
+def test_the_next_step_on_the_same_participant_is_handled_in_the_same_transaction(
+    store: Participant, counter: dict[str, int]
+) -> None:
+    inbox = MemoryInbox()
+    cmd = buy_then_wrap({})
+    sent = store.handle(NO_SESSION, cmd, inbox=inbox)
+    # One message leaves: the command after wrap, to the next participant.
+    [(queue, message)] = inbox.sent
+    assert message is sent and queue == "shipping" and message.message_id == NEXT_ID
+    assert message.payload == {"parcel": "p-7"}
+    assert message.causation_id == WRAP_ID
+    assert message.slip == Slip(results={"buy": {"order": 7}, "wrap": {"parcel": "p-7"}})
+    # Both steps are in the inbox, answered, their replies stored with that one send.
+    buy_key = InboxKey(cmd.correlation_id, "buy", "command")
+    wrap_key = InboxKey(cmd.correlation_id, "wrap", "command")
+    assert inbox.rows[wrap_key].message_id == WRAP_ID
+    assert inbox.rows[buy_key].reply.type == inbox.rows[wrap_key].reply.type == "succeeded"
+    assert [c for c in inbox.calls if c[0] in {"record", "send"}] == [
+        ("record", buy_key),
+        ("record", wrap_key),
+        ("send", NEXT_ID),
+    ]
+    # A duplicate of the first command runs nothing and sends the same command again.
+    again = store.handle(NO_SESSION, dataclasses.replace(retry(cmd), slip=cmd.slip), inbox=inbox)
+    assert again.message_id == NEXT_ID and again.payload == message.payload
+    assert counter == {"buy": 1, "wrap": 1}
+
+
+def test_the_last_step_handled_here_replies_with_both_results(store: Participant) -> None:
+    inbox = MemoryInbox()
+    reply = store.handle(NO_SESSION, buy_then_wrap({}, then_ship=False), inbox=inbox)
+    [(queue, sent)] = inbox.sent
+    assert sent is reply and queue == "sagabox.replies"
+    assert (reply.type, reply.step, reply.causation_id) == ("succeeded", "wrap", WRAP_ID)
+    assert reply.payload == {"result": {"parcel": "p-7"}}
+    assert reply.slip == Slip(results={"buy": {"order": 7}})
+
+
+def test_a_refusal_of_the_step_handled_here_keeps_the_step_before(store: Participant) -> None:
+    inbox = MemoryInbox()
+    cmd = buy_then_wrap({"refuse": True})
+    reply = store.handle(NO_SESSION, cmd, inbox=inbox)
+    assert [m for _, m in inbox.sent] == [reply]
+    assert (reply.type, reply.step) == ("failed", "wrap")
+    assert reply.slip == Slip(results={"buy": {"order": 7}})
+    assert inbox.rows[InboxKey(cmd.correlation_id, "buy", "command")].reply.type == "succeeded"
+    assert inbox.rows[InboxKey(cmd.correlation_id, "wrap", "command")].reply.type == "failed"
+
+
+def test_a_technical_failure_of_the_step_handled_here_sends_it_as_a_message(
+    store: Participant, counter: dict[str, int]
+) -> None:
+    inbox = MemoryInbox()
+    cmd = buy_then_wrap({"break": True})
+    sent = store.handle(NO_SESSION, cmd, inbox=inbox)
+    # Rolled back to its savepoint: buy is answered, wrap goes out as the message it is.
+    [(queue, message)] = inbox.sent
+    assert message is sent and queue == "store" and message.message_id == WRAP_ID
+    assert message.payload == {"order": 7, "break": True}
+    assert inbox.rows[InboxKey(cmd.correlation_id, "buy", "command")].reply.type == "succeeded"
+    assert InboxKey(cmd.correlation_id, "wrap", "command") not in inbox.rows
+    # Delivered, it fails on its own: the worker's retries are wrap's, not buy's.
+    with pytest.raises(RuntimeError):
+        store.handle(NO_SESSION, message, inbox=inbox)
+    assert counter == {"buy": 1, "wrap": 2}

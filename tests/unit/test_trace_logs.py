@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sagabox import store
 from sagabox.trace import build, read_logs, render_json, render_text
 
@@ -152,7 +154,8 @@ def test_a_debug_line_of_a_message_in_a_batch_line_does_not_show_twice() -> None
     assert hop.published_by == "relay pid 4242"
 
 
-def test_a_command_forwarded_down_a_routing_slip_is_a_hop_of_its_own() -> None:
+@pytest.mark.parametrize("local", [False, True], ids=["through_the_broker", "in_process"])
+def test_a_command_forwarded_down_a_routing_slip_is_a_hop_of_its_own(local: bool) -> None:
     forwarded = "a4444444-4444-4444-8444-444444444444"
     reply = "a5555555-5555-4555-8555-555555555555"
 
@@ -169,15 +172,20 @@ def test_a_command_forwarded_down_a_routing_slip_is_a_hop_of_its_own() -> None:
     records = [
         line(10, "command_applied", "inventory", message_id=COMMAND, step="reserve"),
         line(11, "slip_forwarded", "inventory", message_id=COMMAND, step="reserve",
-             next_step="charge", next_participant="payment", next_message_id=forwarded),
+             next_step="charge", next_participant="payment", next_message_id=forwarded,
+             local=local),
         line(20, "command_applied", "payment", message_id=forwarded, step="charge", attempt=1),
         line(30, "saga_transitioned", "orchestrator", message_id=reply, causation_id=forwarded,
              step="charge", saga_event="step_succeeded"),
     ]  # fmt: skip
+    if local:
+        # A transaction redone (its batch met a refusal) logs the forward again.
+        records.insert(2, {**records[1], "timestamp": at(15)})
     rows = [history(0, "started", "reserve", [COMMAND])]
     trace = build(SAGA, [store.DatabaseRows("127.0.0.1/orders", None, rows, [], [])], records)
     head, charge = trace.hops
-    assert (head.message_id, head.outcome) == (COMMAND, "forwarded to charge")
+    where = " (in process)" if local else ""
+    assert (head.message_id, head.outcome) == (COMMAND, f"forwarded to charge{where}")
     assert head.replied == T0 + timedelta(milliseconds=11)
     assert (charge.message_id, charge.step, charge.written) == (
         forwarded,
@@ -186,4 +194,8 @@ def test_a_command_forwarded_down_a_routing_slip_is_a_hop_of_its_own() -> None:
     )
     assert charge.handled == T0 + timedelta(milliseconds=20)
     assert (charge.replied, charge.outcome) == (T0 + timedelta(milliseconds=30), "step_succeeded")
-    assert "forwarded to charge" in render_text(trace)
+    # Handled where it was forwarded: no relay published it.
+    assert (charge.published, charge.published_by) == (
+        (T0 + timedelta(milliseconds=11), "in process") if local else (None, None)
+    )
+    assert f"forwarded to charge{where}" in render_text(trace)
