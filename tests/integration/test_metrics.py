@@ -62,8 +62,8 @@ class System:
     ports: Mapping[str, int]
     orchestrator: Orchestrator
 
-    def start(self, name: str, data: Mapping[str, Any]) -> str:
-        return self.orchestrator.start(name, data)
+    def start(self, name: str, data: Mapping[str, Any], version: int | None = None) -> str:
+        return self.orchestrator.start(name, data, version=version)
 
     def wait_settled(self, ids: list[str], timeout: float = 40) -> dict[str, str]:
         def statuses() -> dict[str, str]:
@@ -206,12 +206,16 @@ def test_metrics_match_the_databases(template_db: str, amqp_url: str, tmp_path: 
         ids = [
             *(
                 system.start(
-                    "authorize_payment", {"customer": "dave", "amount": 100 + i, "card": "tok_visa"}
+                    "authorize_payment",
+                    {"customer": "dave", "amount": 100 + i, "card": "tok_visa"},
+                    version=1,
                 )
                 for i in range(3)
             ),
             system.start(
-                "authorize_payment", {"customer": "dave", "amount": 50_000, "card": "tok_visa"}
+                "authorize_payment",
+                {"customer": "dave", "amount": 50_000, "card": "tok_visa"},
+                version=1,
             ),
         ]
         statuses = system.wait_settled(ids)

@@ -84,13 +84,18 @@ def test_trace_merges_history_outbox_inbox_and_logs(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with running_system(template_db, amqp_url, tmp_path) as system:
-        ok = system.start("authorize_payment", {"customer": "dave", "amount": 300, "card": "tok_v"})
+        # v1: each step a message of its own, a hop to time (v2 runs three in one).
+        ok = system.start(
+            "authorize_payment", {"customer": "dave", "amount": 300, "card": "tok_v"}, version=1
+        )
         risky = system.start(
-            "authorize_payment", {"customer": "dave", "amount": 50_000, "card": "tok_v"}
+            "authorize_payment", {"customer": "dave", "amount": 50_000, "card": "tok_v"}, version=1
         )
         system.wait_settled([ok, risky])
         system.supervisor.stop("relay")
-        stuck = system.start("authorize_payment", {"customer": "dave", "amount": 1, "card": "tok"})
+        stuck = system.start(
+            "authorize_payment", {"customer": "dave", "amount": 1, "card": "tok"}, version=1
+        )
         monkeypatch.setenv("SAGABOX_DATABASE_URL", system.urls["orchestrator"])
         urls = dict(system.urls)
         logs = str(system.log_dir)
