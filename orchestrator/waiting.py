@@ -47,7 +47,7 @@ class SagaWaiter:
         # A SQLAlchemy URL (postgresql+psycopg://) or a libpq one.
         self.url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.reconnect_delay = reconnect_delay
-        # Status reads so far (each one autocommit transaction): benchmarks subtract them.
+        # Status reads so far (each one autocommit transaction), for tests and metrics.
         self.reads = 0
         self._waits: dict[str, list[_Wait]] = {}
         self._lock = threading.Lock()

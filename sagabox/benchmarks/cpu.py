@@ -47,18 +47,19 @@ def all_stats() -> list[Stat]:
     return stats
 
 
-def descendants(roots: Iterable[int], stats: Iterable[Stat]) -> set[int]:
-    """The roots and every process below them."""
+def descendants(roots: Iterable[int], stats: Iterable[Stat], stop: Iterable[int] = ()) -> set[int]:
+    """The roots and every process below them, except ``stop`` and what is below it."""
     children: dict[int, list[int]] = {}
     for s in stats:
         children.setdefault(s.ppid, []).append(s.pid)
     found: set[int] = set()
+    fences = set(stop)
     todo = list(roots)
     while todo:
         pid = todo.pop()
         if pid not in found:
             found.add(pid)
-            todo += children.get(pid, [])
+            todo += [child for child in children.get(pid, []) if child not in fences]
     return found
 
 
@@ -73,10 +74,14 @@ def sample(groups: Mapping[str, Iterable[int] | str]) -> Sample:
     """CPU seconds of each group: a set of pids (with their descendants) or a process name.
 
     A name (``postgres``, ``beam.smp``) counts every process of that name, and the
-    reaped children of the eldest one (the postmaster).
+    reaped children of the eldest one (the postmaster). A process named in a group is
+    that group's alone, even if it descends from another group's (a peer that started
+    its server, the benchmark that started sagabox's processes).
     """
     stats = all_stats()
     by_pid = {s.pid: s for s in stats}
+    pids = {name: set(m) for name, m in groups.items() if not isinstance(m, str)}
+    claimed = set().union(*pids.values())
     out: dict[str, float] = {}
     for name, members in groups.items():
         if isinstance(members, str):
@@ -85,7 +90,9 @@ def sample(groups: Mapping[str, Iterable[int] | str]) -> Sample:
             roots = [s for s in named if by_pid.get(s.ppid, s).comm != members]
             total += sum(s.children_cpu for s in roots)
         else:
-            total = sum(by_pid[p].cpu for p in descendants(members, stats) if p in by_pid)
+            mine = pids[name]
+            below = descendants(mine, stats, stop=claimed - mine)
+            total = sum(by_pid[p].cpu for p in below if p in by_pid)
         out[name] = total
     return Sample(out)
 
