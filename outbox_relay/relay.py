@@ -25,7 +25,7 @@ confirms is repeated as soon as that batch's rows are deleted: the rows it skipp
 Relays side by side: by default one relay at a time claims a database's rows. The
 first to take the database's advisory lock on its listening session leads; the
 others ask again every ``standby_poll_interval`` and take over once that session
-ends (the leader died, stopped, or its host went silent for the keepalives' ~11 s).
+ends (the leader died, stopped, or its host went silent for ~11 s: LEADER_KEEPALIVES).
 Correctness never rests on the lock: claims skip locked rows and keep each
 correlation id's order, so two leaders for a moment (or ``exclusive=False``, every
 relay claiming) duplicate nothing; they only cost empty claims and smaller batches.
@@ -101,13 +101,17 @@ LEADING = Gauge(
 
 # The leadership lives in the listening session; these make PostgreSQL end it (and
 # free the lock for a standby) within about 11 s of the leader's host going silent,
-# and make the leader notice the same, instead of the kernel's two hours.
+# and make the leader notice the same, instead of the kernel's minutes to hours:
+# keepalives while the session is idle, a user timeout while NOTIFYs sent to it go
+# unacknowledged (then keepalives do not run, and retransmissions take ~15 min).
 LEADER_KEEPALIVES: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 3,
-    "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
+    "tcp_user_timeout": 11_000,
+    "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2"
+    " -c tcp_keepalives_count=3 -c tcp_user_timeout=11000",
 }
 
 

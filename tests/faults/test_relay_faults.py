@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -222,12 +223,24 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
     rule = ["INPUT", "-p", "tcp", "-i", "lo", "--sport", str(row[0]), "-j", "DROP"]
     rows = make_rows(200)
     faults.block(rule)
+    announcing = threading.Event()
+
+    def announce() -> None:
+        # Writers' NOTIFYs keep flowing to the silent session: unacknowledged data,
+        # so its end comes from tcp_user_timeout, not from keepalives alone.
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while not announcing.wait(0.3):
+                conn.execute("SELECT pg_notify('sagabox_outbox', '')")
+
+    notifier = threading.Thread(target=announce, daemon=True)
+    notifier.start()
     try:
         silenced = time.monotonic()
         wait_until(lambda: log_says(second_log, "relay_leading"), 40, "the standby to lead")
         took = time.monotonic() - silenced
-        # keepalives: 5 s idle, then 3 probes 2 s apart
+        # 11 s: keepalives (5 s idle, then 3 probes 2 s apart) or the user timeout
         assert 8 < took < 30, took
+        announcing.set()
         write_rows(db_url, rows)
         wait_until(lambda: outbox_count(db_url) == 0, 30, "the new leader to drain")
         wait_until(
@@ -238,6 +251,7 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
         )
         assert leads(db_url)
     finally:
+        announcing.set()
         faults.unblock(rule)
         for process in (first, second):
             if process.poll() is None:
