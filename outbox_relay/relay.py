@@ -26,6 +26,10 @@ Relays side by side: by default one relay at a time claims a database's rows. Th
 first to take the database's advisory lock on its listening session leads; the
 others ask again every ``standby_poll_interval`` and take over once that session
 ends (the leader died, stopped, or its host went silent for ~11 s: LEADER_KEEPALIVES).
+A frozen leader keeps its session, so it also sends a heartbeat every second from its
+event loop; standbys that hear none for ``takeover_after`` seconds claim too, and
+claiming sessions end after ``confirm_timeout`` + 10 s idle in a transaction, which
+frees the rows a frozen or vanished relay had claimed.
 Correctness never rests on the lock: claims skip locked rows and keep each
 correlation id's order, so two leaders for a moment (or ``exclusive=False``, every
 relay claiming) duplicate nothing; they only cost empty claims and smaller batches.
@@ -65,7 +69,7 @@ from outbox_relay.broker import (
 from outbox_relay.errors import RelayError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.store import AsyncConn, OutboxRow
-from outbox_relay.table import DEBOUNCING
+from outbox_relay.table import DEBOUNCING, NOTIFY_CHANNEL
 from outbox_relay.topology import Topology
 
 log = structlog.get_logger()
@@ -143,6 +147,10 @@ class RelayConfig:
     exclusive: bool = True
     # How often a relay standing by asks whether the leader's session has ended.
     standby_poll_interval: float = 1.0
+    # Seconds without a heartbeat from the leader (sent every heartbeat_interval) after
+    # which standbys claim too: a frozen leader keeps its lock but publishes nothing.
+    takeover_after: float = 10.0
+    heartbeat_interval: float = 1.0
     topology: Topology = field(default_factory=Topology)
 
     def backoff(self, attempt: int) -> float:
@@ -208,7 +216,9 @@ class DatabaseRelay:
         self._stopping = stopping
         self._counters = counters
         self._wake = asyncio.Event()
+        # Set while this relay claims: it leads, or helps a leader that went silent.
         self._leading = asyncio.Event()
+        self._helping = False
         if not config.exclusive:
             self._leading.set()
         self._leading_gauge = LEADING.labels(self.name)
@@ -234,6 +244,8 @@ class DatabaseRelay:
 
     async def run(self) -> None:
         helpers = [asyncio.create_task(self._listen())]
+        if self._config.exclusive:
+            helpers.append(asyncio.create_task(self._beat()))
         if self._config.backlog_interval > 0:
             helpers.append(asyncio.create_task(self._watch_backlog()))
         try:
@@ -336,7 +348,10 @@ class DatabaseRelay:
                 # Transactions are opened by the claim itself (store.claim).
                 autocommit=True,
                 connect_timeout=int(self._config.connect_timeout),
-                options=store.SESSION_OPTIONS,
+                # A claim held by a process that froze or vanished would lock its
+                # rows (and the sagas behind them) until TCP gave up, hours later.
+                options=f"{store.SESSION_OPTIONS} -c idle_in_transaction_session_timeout="
+                f"{int((self._config.confirm_timeout + 10) * 1000)}",
             )
         except psycopg.Error as e:
             raise RelayError(f"cannot connect to {self.name}: {e}") from e
@@ -521,8 +536,9 @@ class DatabaseRelay:
                 )
                 async with conn:
                     if self._config.exclusive:
-                        await self._lead(conn)
-                    await store.listen(conn)
+                        await self._lead(conn)  # listens too
+                    else:
+                        await store.listen(conn)
                     if attempt:
                         log.info(
                             "relay_reconnected",
@@ -537,6 +553,8 @@ class DatabaseRelay:
                     self._wake.set()
                     while True:
                         async for note in conn.notifies(timeout=self._config.idle_poll_interval):
+                            if note.channel != NOTIFY_CHANNEL:
+                                continue
                             if note.payload == DEBOUNCING:
                                 self._poll_until = loop.time() + self._config.active_window
                             self._wake.set()
@@ -544,8 +562,11 @@ class DatabaseRelay:
                 if self._config.exclusive and self._leading.is_set():
                     # The lock went with the session: a standby may lead by now.
                     self._leading.clear()
-                    self._leading_gauge.set(0)
-                    log.warning("relay_leadership_lost", database=self.name, host=self._host)
+                    if self._helping:
+                        self._helping = False
+                    else:
+                        self._leading_gauge.set(0)
+                        log.warning("relay_leadership_lost", database=self.name, host=self._host)
                 attempt += 1
                 delay = self._config.backoff(attempt)
                 log.warning(
@@ -560,16 +581,66 @@ class DatabaseRelay:
                 await asyncio.sleep(delay)
 
     async def _lead(self, conn: AsyncConn) -> None:
-        """Return once this relay leads the database (the lock is ``conn``'s session's)."""
+        """Return once this relay leads the database (the lock is ``conn``'s session's).
+
+        Meanwhile it stands by, listening for the leader's heartbeats; after
+        ``takeover_after`` seconds without one it claims too (the leader's process may
+        be frozen with its lock held), until the beats come back.
+        """
+        loop = asyncio.get_running_loop()
+        # Not the writers' channel while merely standing by: every session listening
+        # to it costs PostgreSQL a transaction per NOTIFY.
+        await store.watch_leader(conn)
+        last_beat = loop.time()
         standing_by = False
         while not await store.lead(conn):
             if not standing_by:
                 standing_by = True
                 log.info("relay_standing_by", database=self.name, host=self._host)
-            await asyncio.sleep(self._config.standby_poll_interval)
+            async for note in conn.notifies(timeout=self._config.standby_poll_interval):
+                if note.channel == store.HEARTBEAT_CHANNEL:
+                    last_beat = loop.time()
+                elif self._helping:
+                    self._wake.set()
+            silent = loop.time() - last_beat
+            if silent > self._config.takeover_after and not self._helping:
+                self._helping = True
+                log.warning(
+                    "relay_leader_silent",
+                    database=self.name,
+                    host=self._host,
+                    silent_s=round(silent, 1),
+                )
+                await store.listen(conn)
+                self._leading.set()
+                self._wake.set()
+            elif silent <= self._config.takeover_after and self._helping:
+                self._helping = False
+                self._leading.clear()
+                await store.listen(conn, listening=False)
+                log.info("relay_standing_by", database=self.name, host=self._host, leader="back")
+        await store.watch_leader(conn, watching=False)
+        await store.listen(conn)
+        self._helping = False
         log.info("relay_leading", database=self.name, host=self._host, took_over=standing_by)
         self._leading_gauge.set(1)
         self._leading.set()
+
+    async def _beat(self) -> None:
+        """While this relay holds the lock, tell the standbys that it is working."""
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval)
+            if not self._leading.is_set() or self._helping or self._stopping.is_set():
+                continue
+            conn: AsyncConn | None = None
+            try:
+                conn = await self._connection()
+                await store.heartbeat(conn)
+                self._idle.append(conn)
+            except (psycopg.Error, RelayError, OSError) as e:
+                if conn is not None:
+                    await self._discard(conn)
+                log.warning("relay_heartbeat_failed", database=self.name, error=str(e))
 
 
 class Relay:

@@ -105,6 +105,12 @@ LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 # advisory lock, so a leader's death (its connection closing) frees it at once. The
 # key is a hash of a fixed text, scoped by PostgreSQL to the current database.
 LEAD = "SELECT pg_try_advisory_lock(hashtextextended('sagabox.outbox relay', 0))"
+# The leader's heartbeat: a lock only says its session is open, not that its loop runs
+# (a frozen process keeps its sockets); standbys that hear no beat claim too.
+HEARTBEAT_CHANNEL = "sagabox_relay_leader"
+HEARTBEAT = f"SELECT pg_notify('{HEARTBEAT_CHANNEL}', '')"
+WATCH_LEADER = f"LISTEN {HEARTBEAT_CHANNEL}"
+UNWATCH_LEADER = f"UNLISTEN {HEARTBEAT_CHANNEL}"
 
 PROBE = "SELECT 1 FROM sagabox.outbox LIMIT 1"
 
@@ -166,9 +172,9 @@ async def park(conn: AsyncConn, errors: Sequence[tuple[int, str]]) -> None:
         await conn.execute(PARK, ([i for i, _ in errors], [e for _, e in errors]))
 
 
-async def listen(conn: AsyncConn) -> None:
-    """Subscribe an autocommit connection to the writers' NOTIFY channel."""
-    await conn.execute(LISTEN)
+async def listen(conn: AsyncConn, *, listening: bool = True) -> None:
+    """Subscribe an autocommit connection to the writers' NOTIFY channel (or stop)."""
+    await conn.execute(LISTEN if listening else f"UNLISTEN {NOTIFY_CHANNEL}")
 
 
 async def lead(conn: AsyncConn) -> bool:
@@ -176,6 +182,16 @@ async def lead(conn: AsyncConn) -> bool:
     cur = await conn.execute(LEAD)
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+async def heartbeat(conn: AsyncConn) -> None:
+    """Tell the standbys that this database's leader is working (autocommit)."""
+    await conn.execute(HEARTBEAT)
+
+
+async def watch_leader(conn: AsyncConn, *, watching: bool = True) -> None:
+    """Hear (or stop hearing) the leader's heartbeats on this connection."""
+    await conn.execute(WATCH_LEADER if watching else UNWATCH_LEADER)
 
 
 async def probe(conn: AsyncConn) -> None:

@@ -35,6 +35,7 @@ class RelaySettings:
     shutdown_timeout: float = 10.0
     exclusive: bool = True
     standby_poll_interval: float = 1.0
+    takeover_after: float = 10.0
     quorum_queues: bool = False
     quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     log_level: str = "INFO"
@@ -67,6 +68,8 @@ class RelaySettings:
             shutdown_timeout=env.float("RELAY_SHUTDOWN_TIMEOUT", 10.0),
             exclusive=env.bool("RELAY_EXCLUSIVE", True),
             standby_poll_interval=env.float("RELAY_STANDBY_POLL_INTERVAL", 1.0, minimum=0.01),
+            # The leader beats every second: a shorter silence is no sign of a freeze.
+            takeover_after=env.float("RELAY_TAKEOVER_AFTER", 10.0, minimum=2.0),
             quorum_queues=env.bool("QUORUM_QUEUES", False),
             quorum_delivery_limit=env.int(
                 "QUORUM_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT, minimum=1
@@ -95,6 +98,7 @@ class RelaySettings:
             shutdown_timeout=self.shutdown_timeout,
             exclusive=self.exclusive,
             standby_poll_interval=self.standby_poll_interval,
+            takeover_after=self.takeover_after,
             # The backlog query only runs when someone scrapes the metrics.
             backlog_interval=self.metrics_interval if self.metrics_port else 0.0,
             topology=Topology(quorum=self.quorum_queues, delivery_limit=self.quorum_delivery_limit),

@@ -19,6 +19,7 @@ from tests.integration.test_relay import (
     leads,
     make_rows,
     outbox_count,
+    published,
     relay_config,
     relay_process,
     running_relay,
@@ -257,3 +258,61 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
             if process.poll() is None:
                 process.kill()
     assert set(message_ids(amqp_url)) == {message_id for message_id, *_ in rows}
+
+
+def test_a_frozen_leader_is_helped_by_the_standby_and_its_claimed_rows_freed(
+    db_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    """SIGSTOP: the leader's sockets stay open (its lock too) but it does nothing. The
+    standby hears no heartbeat and claims; the rows the frozen leader had claimed are
+    freed when PostgreSQL ends its idle transaction (confirm timeout + 10 s)."""
+    quick = {
+        "SAGABOX_RELAY_STANDBY_POLL_INTERVAL": "0.2",
+        "SAGABOX_RELAY_TAKEOVER_AFTER": "3",
+        "SAGABOX_RELAY_CONFIRM_TIMEOUT": "2",
+    }
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    # The leader holds its first batch's claim open: published, confirmed, not deleted.
+    first = relay_process(
+        [db_url],
+        amqp_url,
+        first_log,
+        SAGABOX_FAILPOINTS="relay.after_confirm_before_mark=sleep:600",
+        **quick,
+    )
+    second: subprocess.Popen[bytes] | None = None
+    held, later = make_rows(50), make_rows(50)
+    try:
+        wait_until(lambda: log_says(first_log, "relay_leading"), 20, "the first relay to lead")
+        second = relay_process([db_url], amqp_url, second_log, **quick)
+        wait_until(lambda: log_says(second_log, "relay_standing_by"), 20, "a standby")
+        write_rows(db_url, held)
+        wait_until(lambda: published(amqp_url) == len(held), 20, "the leader to publish")
+        wait_until(lambda: idle_in_transaction(db_url) > 0, 20, "the leader to hold a claim")
+        first.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        write_rows(db_url, later)
+        wait_until(lambda: log_says(second_log, "relay_leader_silent"), 20, "the standby to help")
+        wait_until(lambda: outbox_count(db_url) == 0, 60, "every row to go out")
+        # The held rows waited for PostgreSQL to end the frozen claim (12 s here).
+        assert time.monotonic() - frozen > 8
+    finally:
+        first.send_signal(signal.SIGCONT)
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+    received = message_ids(amqp_url)
+    assert set(received) == {m for m, *_ in held + later}
+    # Confirmed once by the frozen leader and again by the standby: at least once.
+    counts = sorted(received.count(m) for m, *_ in held)
+    assert counts == [2] * len(held), counts
+
+
+def idle_in_transaction(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND state = 'idle in transaction'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])

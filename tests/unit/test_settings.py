@@ -79,6 +79,7 @@ def test_tls_urls_reach_every_component_unchanged() -> None:
         ("SAGABOX_RELAY_CONFIRM_TIMEOUT", "0", "relay"),
         ("SAGABOX_RELAY_EXCLUSIVE", "sometimes", "relay"),
         ("SAGABOX_RELAY_STANDBY_POLL_INTERVAL", "0", "relay"),
+        ("SAGABOX_RELAY_TAKEOVER_AFTER", "1", "relay"),
         ("SAGABOX_PARTICIPANT_THREADS", "0", "participant"),
         ("SAGABOX_PARTICIPANT_WORKER", "fibers", "participant"),
         ("SAGABOX_PARTICIPANT_BATCH_SIZE", "0", "participant"),
@@ -104,6 +105,7 @@ def test_relays_lead_one_at_a_time_unless_told_otherwise() -> None:
     ).relay_config()
     assert not shared.exclusive
     assert shared.standby_poll_interval == 0.5
+    assert RelaySettings.from_env(Env({"SAGABOX_RELAY_TAKEOVER_AFTER": "4"})).takeover_after == 4
 
 
 def test_a_secret_file_is_read_and_an_unreadable_one_is_named(tmp_path: Path) -> None:
