@@ -26,8 +26,9 @@ Relays side by side: by default one relay at a time claims a database's rows. Th
 first to take the database's advisory lock on its listening session leads; the
 others ask again every ``standby_poll_interval`` and take over once that session
 ends (the leader died, stopped, or its host went silent for ~11 s: LEADER_KEEPALIVES).
-A frozen leader keeps its session, so it also sends a heartbeat every second from its
-event loop; standbys that hear none for ``takeover_after`` seconds claim too, and
+A frozen leader keeps its session, so it also runs a statement every second from its
+event loop; standbys that see none (store.LEADER_SILENCE) for ``takeover_after``
+seconds claim too, and
 claiming sessions end after ``confirm_timeout`` + 10 s idle in a transaction, which
 frees the rows a frozen or vanished relay had claimed.
 Correctness never rests on the lock: claims skip locked rows and keep each
@@ -43,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,7 +72,7 @@ from outbox_relay.broker import (
 from outbox_relay.errors import RelayError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.store import AsyncConn, OutboxRow
-from outbox_relay.table import DEBOUNCING, NOTIFY_CHANNEL
+from outbox_relay.table import DEBOUNCING
 from outbox_relay.topology import Topology
 
 log = structlog.get_logger()
@@ -147,8 +150,9 @@ class RelayConfig:
     exclusive: bool = True
     # How often a relay standing by asks whether the leader's session has ended.
     standby_poll_interval: float = 1.0
-    # Seconds without a heartbeat from the leader (sent every heartbeat_interval) after
-    # which standbys claim too: a frozen leader keeps its lock but publishes nothing.
+    # Seconds without a statement from the leader's sessions (it runs one at least every
+    # heartbeat_interval) after which standbys claim too: a frozen leader keeps its
+    # lock but publishes nothing.
     takeover_after: float = 10.0
     heartbeat_interval: float = 1.0
     topology: Topology = field(default_factory=Topology)
@@ -238,6 +242,9 @@ class DatabaseRelay:
         # With service and pid (on every line), the host names this relay among
         # several: in a container every relay is pid 1.
         self._host = socket.gethostname()
+        # Every session of this relay to this database, so that standbys can tell the
+        # leader's sessions from others' (store.LEADER_SILENCE).
+        self._session_name = f"sagabox relay {os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def wake(self) -> None:
         self._wake.set()
@@ -348,6 +355,7 @@ class DatabaseRelay:
                 # Transactions are opened by the claim itself (store.claim).
                 autocommit=True,
                 connect_timeout=int(self._config.connect_timeout),
+                application_name=self._session_name,
                 # A claim held by a process that froze or vanished would lock its
                 # rows (and the sagas behind them) until TCP gave up, hours later.
                 options=f"{store.SESSION_OPTIONS} -c idle_in_transaction_session_timeout="
@@ -532,6 +540,7 @@ class DatabaseRelay:
                     self.url,
                     autocommit=True,
                     connect_timeout=int(self._config.connect_timeout),
+                    application_name=self._session_name,
                     **(LEADER_KEEPALIVES if self._config.exclusive else {}),
                 )
                 async with conn:
@@ -553,8 +562,6 @@ class DatabaseRelay:
                     self._wake.set()
                     while True:
                         async for note in conn.notifies(timeout=self._config.idle_poll_interval):
-                            if note.channel != NOTIFY_CHANNEL:
-                                continue
                             if note.payload == DEBOUNCING:
                                 self._poll_until = loop.time() + self._config.active_window
                             self._wake.set()
@@ -583,51 +590,45 @@ class DatabaseRelay:
     async def _lead(self, conn: AsyncConn) -> None:
         """Return once this relay leads the database (the lock is ``conn``'s session's).
 
-        Meanwhile it stands by, listening for the leader's heartbeats; after
-        ``takeover_after`` seconds without one it claims too (the leader's process may
-        be frozen with its lock held), until the beats come back.
+        Meanwhile it stands by, and asks how long the leader has been silent (no
+        statement from any of its sessions); after ``takeover_after`` seconds it
+        claims too (the leader's process may be frozen with its lock held), until the
+        leader runs statements again.
         """
-        loop = asyncio.get_running_loop()
-        # Not the writers' channel while merely standing by: every session listening
-        # to it costs PostgreSQL a transaction per NOTIFY.
-        await store.watch_leader(conn)
-        last_beat = loop.time()
         standing_by = False
         while not await store.lead(conn):
             if not standing_by:
                 standing_by = True
                 log.info("relay_standing_by", database=self.name, host=self._host)
-            async for note in conn.notifies(timeout=self._config.standby_poll_interval):
-                if note.channel == store.HEARTBEAT_CHANNEL:
-                    last_beat = loop.time()
-                elif self._helping:
-                    self._wake.set()
-            silent = loop.time() - last_beat
-            if silent > self._config.takeover_after and not self._helping:
+            silence = await store.leader_silence(conn)
+            stalled = silence is not None and silence > self._config.takeover_after
+            if stalled and not self._helping:
                 self._helping = True
                 log.warning(
-                    "relay_leader_silent",
-                    database=self.name,
-                    host=self._host,
-                    silent_s=round(silent, 1),
+                    "relay_leader_silent", database=self.name, host=self._host, silent_s=silence
                 )
-                await store.listen(conn)
+                await store.listen(conn)  # wake-ups for the claims it now makes
                 self._leading.set()
                 self._wake.set()
-            elif silent <= self._config.takeover_after and self._helping:
+            elif not stalled and self._helping:
                 self._helping = False
                 self._leading.clear()
                 await store.listen(conn, listening=False)
                 log.info("relay_standing_by", database=self.name, host=self._host, leader="back")
-        await store.watch_leader(conn, watching=False)
-        await store.listen(conn)
+            if self._helping:
+                async for _ in conn.notifies(timeout=self._config.standby_poll_interval):
+                    self._wake.set()
+            else:
+                await asyncio.sleep(self._config.standby_poll_interval)
         self._helping = False
+        await store.listen(conn)
         log.info("relay_leading", database=self.name, host=self._host, took_over=standing_by)
         self._leading_gauge.set(1)
         self._leading.set()
 
     async def _beat(self) -> None:
-        """While this relay holds the lock, tell the standbys that it is working."""
+        """While this relay holds the lock, run a statement every heartbeat_interval:
+        its sessions' activity is what standbys read as its sign of life."""
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
             if not self._leading.is_set() or self._helping or self._stopping.is_set():
@@ -635,7 +636,7 @@ class DatabaseRelay:
             conn: AsyncConn | None = None
             try:
                 conn = await self._connection()
-                await store.heartbeat(conn)
+                await store.beat(conn)
                 self._idle.append(conn)
             except (psycopg.Error, RelayError, OSError) as e:
                 if conn is not None:

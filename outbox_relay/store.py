@@ -105,12 +105,27 @@ LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 # advisory lock, so a leader's death (its connection closing) frees it at once. The
 # key is a hash of a fixed text, scoped by PostgreSQL to the current database.
 LEAD = "SELECT pg_try_advisory_lock(hashtextextended('sagabox.outbox relay', 0))"
-# The leader's heartbeat: a lock only says its session is open, not that its loop runs
-# (a frozen process keeps its sockets); standbys that hear no beat claim too.
-HEARTBEAT_CHANNEL = "sagabox_relay_leader"
-HEARTBEAT = f"SELECT pg_notify('{HEARTBEAT_CHANNEL}', '')"
-WATCH_LEADER = f"LISTEN {HEARTBEAT_CHANNEL}"
-UNWATCH_LEADER = f"UNLISTEN {HEARTBEAT_CHANNEL}"
+# A lock only says the leader's session is open, not that its loop runs (a frozen
+# process keeps its sockets). Every session of a relay carries its application_name;
+# the leader runs a statement at least once a second (a claim, or BEAT), so the time
+# since the last statement of any session named as the lock holder's is how long the
+# leader has been silent (NULL: nobody holds the lock). Polled by standbys rather than
+# heard through LISTEN: a listening session costs PostgreSQL a transaction per NOTIFY
+# of the whole database, whatever the channel.
+BEAT = "SELECT 1"
+LEADER_SILENCE = """
+SELECT extract(epoch FROM now() - max(a.query_start))
+FROM pg_stat_activity AS a
+WHERE a.datname = current_database()
+  AND a.application_name = (
+    SELECT h.application_name
+    FROM pg_locks AS l JOIN pg_stat_activity AS h ON h.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND (l.classid::bigint << 32 | l.objid::bigint)
+          = hashtextextended('sagabox.outbox relay', 0)
+    LIMIT 1)
+"""
 
 PROBE = "SELECT 1 FROM sagabox.outbox LIMIT 1"
 
@@ -184,14 +199,16 @@ async def lead(conn: AsyncConn) -> bool:
     return bool(row and row[0])
 
 
-async def heartbeat(conn: AsyncConn) -> None:
-    """Tell the standbys that this database's leader is working (autocommit)."""
-    await conn.execute(HEARTBEAT)
+async def beat(conn: AsyncConn) -> None:
+    """A statement, so that standbys see this leader's loop run (autocommit)."""
+    await conn.execute(BEAT)
 
 
-async def watch_leader(conn: AsyncConn, *, watching: bool = True) -> None:
-    """Hear (or stop hearing) the leader's heartbeats on this connection."""
-    await conn.execute(WATCH_LEADER if watching else UNWATCH_LEADER)
+async def leader_silence(conn: AsyncConn) -> float | None:
+    """Seconds since the leader's sessions last ran a statement; None: no leader."""
+    cur = await conn.execute(LEADER_SILENCE)
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 async def probe(conn: AsyncConn) -> None:
