@@ -264,8 +264,9 @@ def test_a_frozen_leader_is_helped_by_the_standby_and_its_claimed_rows_freed(
     db_url: str, amqp_url: str, tmp_path: Path
 ) -> None:
     """SIGSTOP: the leader's sockets stay open (its lock too) but it does nothing. The
-    standby sees its sessions run no statement and claims; the rows the frozen leader had claimed are
-    freed when PostgreSQL ends its idle transaction (confirm timeout + 10 s)."""
+    standby sees its sessions run no statement and claims; the rows the frozen leader
+    had claimed are freed when PostgreSQL ends its idle transaction (confirm timeout +
+    10 s)."""
     quick = {
         "SAGABOX_RELAY_STANDBY_POLL_INTERVAL": "0.2",
         "SAGABOX_RELAY_TAKEOVER_AFTER": "3",
