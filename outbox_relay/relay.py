@@ -28,9 +28,8 @@ others ask again every ``standby_poll_interval`` and take over once that session
 ends (the leader died, stopped, or its host went silent for ~11 s: LEADER_KEEPALIVES).
 A frozen leader keeps its session, so it also runs a statement every second from its
 event loop; standbys that see none (store.LEADER_SILENCE) for ``takeover_after``
-seconds claim too, and
-claiming sessions end after ``confirm_timeout`` + 10 s idle in a transaction, which
-frees the rows a frozen or vanished relay had claimed.
+seconds claim too, and claiming sessions end after ``confirm_timeout`` + 10 s idle in
+a transaction, which frees the rows a frozen or vanished relay had claimed.
 Correctness never rests on the lock: claims skip locked rows and keep each
 correlation id's order, so two leaders for a moment (or ``exclusive=False``, every
 relay claiming) duplicate nothing; they only cost empty claims and smaller batches.
@@ -102,7 +101,7 @@ OLDEST_AGE = Gauge(
 PARKED_ROWS = Gauge("sagabox_relay_outbox_parked", "Parked outbox rows", ["database"])
 LEADING = Gauge(
     "sagabox_relay_leading",
-    "1 while this relay claims the database's rows, 0 while it stands by",
+    "1 while this relay leads the database (holds its lock), 0 while it stands by",
     ["database"],
 )
 
