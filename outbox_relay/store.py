@@ -104,7 +104,8 @@ LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 # One relay at a time leads a database (RelayConfig.exclusive): a session-level
 # advisory lock, so a leader's death (its connection closing) frees it at once. The
 # key is a hash of a fixed text, scoped by PostgreSQL to the current database.
-LEAD = "SELECT pg_try_advisory_lock(hashtextextended('sagabox.outbox relay', 0))"
+LEADER_KEY = "hashtextextended('sagabox.outbox relay', 0)"
+LEAD = f"SELECT pg_try_advisory_lock({LEADER_KEY})"
 # A lock only says the leader's session is open, not that its loop runs (a frozen
 # process keeps its sockets). Every session of a relay carries its application_name;
 # the leader runs a statement at least once a second (a claim, or BEAT), so the time
@@ -113,7 +114,7 @@ LEAD = "SELECT pg_try_advisory_lock(hashtextextended('sagabox.outbox relay', 0))
 # heard through LISTEN: a listening session costs PostgreSQL a transaction per NOTIFY
 # of the whole database, whatever the channel.
 BEAT = "SELECT 1"
-LEADER_SILENCE = """
+LEADER_SILENCE = f"""
 SELECT extract(epoch FROM now() - max(a.query_start))
 FROM pg_stat_activity AS a
 WHERE a.datname = current_database()
@@ -123,7 +124,7 @@ WHERE a.datname = current_database()
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND (l.classid::bigint << 32 | l.objid::bigint)
-          = hashtextextended('sagabox.outbox relay', 0)
+          = {LEADER_KEY}
     LIMIT 1)
 """
 

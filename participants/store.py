@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
+from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import delete, func, select, tuple_
@@ -109,6 +110,7 @@ _LOCK = (
 _RELEASE = f"DELETE FROM {_TABLE} WHERE {_KEY}"
 
 
+@cache  # built once per position, not once per message
 def _record(i: int) -> str:
     """The statement storing the ``i``-th reply of a send() on its claimed inbox row."""
     return (

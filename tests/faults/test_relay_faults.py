@@ -16,6 +16,7 @@ from sagabox import faults
 from tests import servers
 from tests.integration.test_relay import (
     consume,
+    count,
     leads,
     make_rows,
     outbox_count,
@@ -310,10 +311,8 @@ def test_a_frozen_leader_is_helped_by_the_standby_and_its_claimed_rows_freed(
 
 
 def idle_in_transaction(db_url: str) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND state = 'idle in transaction'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return count(
+        db_url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND state = 'idle in transaction'",
+    )

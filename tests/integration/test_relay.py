@@ -133,11 +133,16 @@ def write_rows(db_url: str, rows: Sequence[Row], *, notify: str | None = "") -> 
             conn.execute("SELECT pg_notify('sagabox_outbox', %s)", (notify,))
 
 
-def outbox_count(db_url: str, where: str = "true") -> int:
+def count(db_url: str, sql: str) -> int:
+    """The one number a ``SELECT count(*) ...`` answers."""
     with psycopg.connect(db_url) as conn:
-        row = conn.execute(f"SELECT count(*) FROM sagabox.outbox WHERE {where}").fetchone()
+        row = conn.execute(sql).fetchone()
         assert row is not None
         return int(row[0])
+
+
+def outbox_count(db_url: str, where: str = "true") -> int:
+    return count(db_url, f"SELECT count(*) FROM sagabox.outbox WHERE {where}")
 
 
 def outbox_rows(db_url: str) -> list[dict[str, Any]]:
@@ -334,13 +339,11 @@ def test_two_relays_keep_the_order_of_each_correlation_id(
 
 def leads(db_url: str) -> bool:
     """Whether some session holds the database's relay leadership (its advisory lock)."""
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ).fetchone()
-        assert row is not None
-        return int(row[0]) > 0
+    sql = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return count(db_url, sql) > 0
 
 
 def test_a_standby_relay_takes_over_when_the_leader_stops(db_url: str, amqp_url: str) -> None:
