@@ -52,6 +52,7 @@ from orchestrator.state import SagaState
 from orchestrator.validation import check_input
 from outbox_relay import tracing
 from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, encode, is_valid_traceparent
+from outbox_relay.roundtrips import Tail
 from outbox_relay.table import OutboxWriter, OutgoingMessage
 
 log = structlog.get_logger("sagabox.orchestrator")
@@ -155,11 +156,11 @@ class Orchestrator:
             attributes={"sagabox.saga": definition.name, "sagabox.version": definition.version},
         ):
             if connection is None:
-                with self._begin() as conn:
-                    return self._start(conn, *args, traceparent=traceparent)
+                with self._writing() as (conn, tail):
+                    return self._start(conn, *args, traceparent=traceparent, tail=tail)
             with _translated():
                 conn = connection.connection() if isinstance(connection, Session) else connection
-                return self._start(conn, *args, traceparent=traceparent)
+                return self._start(conn, *args, traceparent=traceparent, tail=None)
 
     def _start(
         self,
@@ -170,6 +171,7 @@ class Orchestrator:
         idempotency_key: str | None,
         *,
         traceparent: str | None,
+        tail: Tail | None,
     ) -> str:
         definition = self.registry.get(name, version)
         saga_id = str(uuid.uuid4())
@@ -204,13 +206,11 @@ class Orchestrator:
                     "with different data"
                 )
             return existing.id
-        self.outbox.write(
-            conn,
-            [
-                self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
-                for c in t.commands
-            ],
-        )
+        messages = [
+            self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
+            for c in t.commands
+        ]
+        _run(conn, tail, self.outbox.statement(messages))
         with structlog.contextvars.bound_contextvars(
             correlation_id=saga_id, saga=name, version=version
         ):
@@ -225,7 +225,7 @@ class Orchestrator:
             return []
         now = self.clock()
         outcomes: dict[str, Outcome] = {}
-        with self._begin() as conn:
+        with self._writing() as (conn, tail):
             rows = store.lock_sagas(conn, (r.correlation_id for r in replies))
             acceptable: list[Envelope] = []
             for reply in replies:
@@ -287,7 +287,7 @@ class Orchestrator:
                     )
                     for c in t.commands
                 )
-            self._save(conn, states, history_rows, messages)
+            self._save(conn, tail, states, history_rows, messages)
         return [outcomes[r.message_id] for r in replies]
 
     def _reply_problem(self, reply: Envelope, row: store.SagaRow | None) -> str:
@@ -338,7 +338,7 @@ class Orchestrator:
         Returns the number of sagas handled.
         """
         now = self.clock()
-        with self._begin() as conn:
+        with self._writing() as (conn, tail):
             rows = store.lock_due_sagas(conn, now, limit)
             states: dict[str, tuple[store.SagaRow, SagaState, int]] = {}
             history_rows: list[dict[str, Any]] = []
@@ -372,7 +372,7 @@ class Orchestrator:
                         correlation_id=row.id, saga=row.name
                     ):
                         log.info("saga_timers_fired", status=t.state.status.value, note=t.note)
-            self._save(conn, states, history_rows, messages)
+            self._save(conn, tail, states, history_rows, messages)
         return len(rows)
 
     # -- operator actions --------------------------------------------------------
@@ -413,7 +413,7 @@ class Orchestrator:
         """One operator action in one transaction; refused actions change nothing."""
         _check_saga_id(saga_id)
         now = self.clock()
-        with self._begin() as conn:
+        with self._writing() as (conn, tail):
             row = store.lock_sagas(conn, [saga_id]).get(saga_id)
             if row is None:
                 raise UnknownSagaError(f"no saga with id {saga_id}")
@@ -438,6 +438,7 @@ class Orchestrator:
                 ]
                 self._save(
                     conn,
+                    tail,
                     {row.id: (row, t.state, revision)},
                     [_history_row(t, event, state, revision, now)],
                     messages,
@@ -482,6 +483,7 @@ class Orchestrator:
     def _save(
         self,
         conn: Connection,
+        tail: Tail,
         states: Mapping[str, tuple[store.SagaRow, SagaState, int]],
         history_rows: Sequence[dict[str, Any]],
         messages: Sequence[OutgoingMessage],
@@ -501,7 +503,7 @@ class Orchestrator:
             history_rows,
             notify_settled=self.notify_settled,
         )
-        self.outbox.write(conn, messages, along=along)
+        _run(conn, tail, self.outbox.statement(messages, along=along))
 
     def _outgoing(
         self,
@@ -561,6 +563,11 @@ class Orchestrator:
 
     def _begin(self) -> AbstractContextManager[Connection]:
         return _transaction(self.engine, self.outbox)
+
+    def _writing(self) -> AbstractContextManager[tuple[Connection, Tail]]:
+        """A transaction whose last statement (states, history, outbox) is sent with
+        its COMMIT, in one round trip (outbox_relay.roundtrips)."""
+        return _transaction_with_tail(self.engine, self.outbox)
 
 
 def _history_row(
@@ -636,3 +643,23 @@ def _transaction(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
     except BaseException:
         outbox.rolled_back()
         raise
+
+
+@contextmanager
+def _transaction_with_tail(
+    engine: Engine, outbox: OutboxWriter
+) -> Iterator[tuple[Connection, Tail]]:
+    with _transaction(engine, outbox) as conn:
+        tail = Tail()
+        yield conn, tail
+        tail.commit(conn)
+
+
+def _run(conn: Connection, tail: Tail | None, built: tuple[str, dict[str, Any]] | None) -> None:
+    """Run ``built`` (OutboxWriter.statement) now, or hold it in ``tail`` for the commit."""
+    if built is None:
+        return
+    if tail is not None:
+        tail.defer(*built)
+    else:
+        conn.exec_driver_sql(*built)

@@ -109,10 +109,19 @@ class OutboxWriter:
         round trip (CTEs of the insert), such as the participant's inbox update or the
         orchestrator's new saga states and history rows.
         """
+        built = self.statement(messages, along=along)
+        if built is not None:
+            conn.exec_driver_sql(*built)
+
+    def statement(
+        self, messages: Sequence[OutgoingMessage], *, along: Along | None = None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """What ``write`` runs (SQL and parameters), for a caller that runs it later in
+        the same transaction (roundtrips.Tail); None if there is nothing to run."""
         if not messages:
             if along is not None:
-                conn.exec_driver_sql(along.alone(), dict(along.params))
-            return
+                return along.alone(), dict(along.params)
+            return None
         params: dict[str, Any]
         if len(messages) == 1:
             m = messages[0]
@@ -152,8 +161,7 @@ class OutboxWriter:
                     sql = f"WITH {', '.join(ctes)} SELECT {', '.join(notifications)}"
                 else:
                     sql = f"WITH {', '.join(ctes)} {insert}" if ctes else insert
-                conn.exec_driver_sql(sql, params)
-                return
+                return sql, params
         ctes.append(f"written AS ({insert})")
         # A writer busy lately keeps saying so, so that it may skip its next NOTIFYs
         # without first sending one more (each one serialises a commit).
@@ -161,8 +169,8 @@ class OutboxWriter:
         payload = DEBOUNCING if debouncing else ""
         notifications.insert(0, f"pg_notify('{NOTIFY_CHANNEL}', '{payload}')")
         sql = f"WITH {', '.join(ctes)} SELECT {', '.join(notifications)}"
-        conn.exec_driver_sql(sql, params)
         self._last_notify, self._debouncing = now, debouncing
+        return sql, params
 
     def rolled_back(self) -> None:
         """The caller's transaction failed: its NOTIFY may never have gone out, so the

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay import tracing
 from outbox_relay.message import Envelope, envelope_from_dict, is_valid_name
+from outbox_relay.roundtrips import Tail
 from outbox_relay.table import OutboxWriter
 from participants import handling
 from participants.context import Action, CommandFn, CompensationFn, Handler
@@ -91,6 +92,7 @@ class Participant:
         inbox: Inbox | None = None,
         writer: OutboxWriter | None = None,
         optimistic: bool = False,
+        tail: Tail | None = None,
     ) -> Envelope:
         """Handle one command or compensation in ``session``'s transaction; return the reply.
 
@@ -99,10 +101,14 @@ class Participant:
 
         ``optimistic`` runs the handler without a savepoint; if it refuses, this raises
         SavepointNeeded and the caller rolls back and calls again without it.
+        ``tail``: the outgoing statement is held there, for the caller to send with its
+        COMMIT (``tail.commit(session)``) instead of running now.
         """
         envelope = message if isinstance(message, Envelope) else envelope_from_dict(message)
         store = (
-            inbox if inbox is not None else PostgresInbox(session, writer, optimistic=optimistic)
+            inbox
+            if inbox is not None
+            else PostgresInbox(session, writer, optimistic=optimistic, tail=tail)
         )
         # A child of the saga's caller's trace: the handler's work shows up in it.
         with tracing.span(

@@ -16,10 +16,11 @@ from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import delete, func, select, tuple_
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from outbox_relay.message import Envelope, ReplyType
+from outbox_relay.roundtrips import Tail
 from outbox_relay.table import SCHEMA, Along, OutboxWriter
 from participants.errors import BusinessFailure, SavepointNeeded
 from participants.inbox import InboxEntry, InboxKey, Status, StoredReply
@@ -33,11 +34,19 @@ class PostgresInbox:
     """The inbox and outbox of one participant transaction (a SQLAlchemy Session's)."""
 
     def __init__(
-        self, session: Session, writer: OutboxWriter | None = None, *, optimistic: bool = False
+        self,
+        session: Session,
+        writer: OutboxWriter | None = None,
+        *,
+        optimistic: bool = False,
+        tail: Tail | None = None,
     ) -> None:
         self.session = session
         self.writer = writer or OutboxWriter()
         self.optimistic = optimistic
+        # The transaction's statements held back to go with its COMMIT (the worker's);
+        # each statement here first sends them, so that it sees their effects.
+        self.tail = tail
 
     def claim(
         self,
@@ -47,7 +56,7 @@ class PostgresInbox:
         status: Status = "done",
         reply: StoredReply | None = None,
     ) -> InboxEntry | None:
-        conn = self.session.connection()
+        conn = self._connection()
         params = {
             **_key_params(key),
             "message_id": message_id,
@@ -68,11 +77,12 @@ class PostgresInbox:
                 )
 
     def release(self, key: InboxKey) -> None:
-        self.session.connection().exec_driver_sql(_RELEASE, _key_params(key))
+        self._connection().exec_driver_sql(_RELEASE, _key_params(key))
 
     def savepoint(self, *, always: bool = False) -> AbstractContextManager[object]:
         if self.optimistic and not always:
             return _no_savepoint()
+        self._connection()
         return self.session.begin_nested()
 
     def send(
@@ -90,7 +100,18 @@ class PostgresInbox:
                 params[f"r{i}_type"] = stored.type
                 params[f"r{i}_payload"] = _dumps(stored.payload)
             along = Along(tuple(_record(i) for i in range(len(records))), params)
-        self.writer.write(self.session.connection(), [outgoing(reply, destination)], along=along)
+        built = self.writer.statement([outgoing(reply, destination)], along=along)
+        assert built is not None  # one message
+        if self.tail is not None:
+            self.tail.defer(*built)
+        else:
+            self.session.connection().exec_driver_sql(*built)
+
+    def _connection(self) -> Connection:
+        conn = self.session.connection()
+        if self.tail is not None:
+            self.tail.flush(conn)
+        return conn
 
 
 # The hot path's statements as static SQL (exec_driver_sql): building SQLAlchemy Core

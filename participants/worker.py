@@ -32,6 +32,7 @@ from structlog.contextvars import bound_contextvars
 from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
+from outbox_relay.roundtrips import Tail
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from participants.batching import BatchWorker
@@ -120,6 +121,7 @@ class Binding:
             try:
                 with on_commit() as committed:
                     with Session(self.engine) as session, session.begin():
+                        tail = Tail()
                         for index, envelope in enumerate(envelopes):
                             with bound_contextvars(**(contexts[index] if contexts else {})):
                                 self.participant.handle(
@@ -127,8 +129,10 @@ class Binding:
                                     envelope,
                                     writer=self.writer,
                                     optimistic=index not in savepoints,
+                                    tail=tail,
                                 )
                         self.failpoints("participant.before_commit")
+                        tail.commit(session)
                     committed()
                 return
             except SavepointNeeded:

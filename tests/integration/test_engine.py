@@ -161,10 +161,11 @@ def test_state_and_outbox_commit_together_or_not_at_all(engine: Engine, clock: C
     class Failing(OutboxWriter):
         fail = False
 
-        def write(self, conn: Any, messages: Any, *, along: Any = None) -> None:
-            super().write(conn, messages, along=along)
+        def statement(self, messages: Any, *, along: Any = None) -> Any:
+            built = super().statement(messages, along=along)
             if self.fail:
-                raise RuntimeError("crash after the outbox insert, before commit")
+                raise RuntimeError("crash after the saga was locked, before commit")
+            return built
 
     writer = Failing()
     orch = Orchestrator(engine, Registry([ORDER]), clock=clock, outbox=writer)

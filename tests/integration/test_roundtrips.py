@@ -1,0 +1,140 @@
+"""outbox_relay.roundtrips.Tail against PostgreSQL: held-back statements go with COMMIT,
+in one round trip, and a failure there leaves nothing behind, not even in the pool."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+
+from outbox_relay.roundtrips import Tail
+
+pytestmark = pytest.mark.integration
+
+metadata = MetaData()
+things = Table("things", metadata, Column("id", Integer, primary_key=True))
+INSERT = "INSERT INTO things (id) VALUES (%(id)s)"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    # One connection: a test sees the connection its transaction left in the pool.
+    eng = create_engine(
+        db_url.replace("postgresql://", "postgresql+psycopg://"), pool_size=1, max_overflow=0
+    )
+    metadata.create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+def ids(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.scalars(select(things.c.id).order_by(things.c.id)))
+
+
+def protocol(raw: psycopg.Connection[Any], run: Any) -> list[str]:
+    """The frontend (F) and backend (B) messages exchanged while ``run()`` runs."""
+    with tempfile.TemporaryFile("w+") as f:
+        raw.pgconn.trace(f.fileno())
+        raw.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            run()
+        finally:
+            raw.pgconn.untrace()
+        f.seek(0)
+        return [" ".join(line.split("\t")[0:3:2]) for line in f.read().splitlines()]
+
+
+def test_held_statements_and_commit_go_in_one_round_trip(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(INSERT, {"id": 1})
+        tail = Tail()
+        tail.defer(INSERT, {"id": 2})
+        tail.defer(INSERT, {"id": 3})
+        raw = conn.connection.driver_connection
+        exchanged = protocol(raw, lambda: tail.commit(conn))  # type: ignore[arg-type]
+        assert not conn.in_transaction()
+    sent = [m for m in exchanged if m.startswith("F ")]
+    # Everything is sent before the first answer is read: one wait, not three.
+    first_answer = next(i for i, m in enumerate(exchanged) if m.startswith("B "))
+    assert all(m.startswith("F ") for m in exchanged[:first_answer])
+    assert sent.count("F Execute") == 3 and sent.count("F Sync") == 1
+    assert exchanged.count("B ReadyForQuery") == 1
+    assert ids(engine) == [1, 2, 3]
+
+
+def test_flush_runs_held_statements_so_later_ones_see_them(engine: Engine) -> None:
+    with engine.begin() as conn:
+        tail = Tail()
+        tail.defer(INSERT, {"id": 7})
+        tail.flush(conn)
+        assert conn.scalar(select(func.count()).select_from(things)) == 1
+        tail.commit(conn)  # nothing held: a plain commit
+    assert ids(engine) == [7]
+
+
+def test_a_failing_held_statement_rolls_back_and_the_pooled_connection_still_works(
+    engine: Engine,
+) -> None:
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.exec_driver_sql(INSERT, {"id": 1})
+        tail = Tail()
+        tail.defer(INSERT, {"id": 2})
+        tail.defer(INSERT, {"id": 2})
+        tail.commit(conn)
+    assert ids(engine) == []  # the same (only) connection of the pool, usable
+    with engine.begin() as conn:
+        conn.exec_driver_sql(INSERT, {"id": 4})
+    assert ids(engine) == [4]
+
+
+def test_a_session_commits_its_orm_objects_and_the_held_statements(engine: Engine) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(things.insert().values(id=10))
+        tail = Tail()
+        tail.defer(INSERT, {"id": 11})
+        tail.commit(session)
+    assert ids(engine) == [10, 11]
+
+
+def test_a_before_commit_hook_still_writes_in_the_same_transaction(engine: Engine) -> None:
+    def hook(session: Session) -> None:
+        session.execute(things.insert().values(id=21))
+        raise RuntimeError("the hook refuses: nothing of the transaction may stay")
+
+    with Session(engine) as session:
+        event.listen(session, "before_commit", hook)
+        with pytest.raises(RuntimeError), session.begin():
+            tail = Tail()
+            tail.defer(INSERT, {"id": 20})
+            tail.commit(session)
+    assert ids(engine) == []
+
+
+def test_a_connection_lost_before_commit_is_invalidated_not_pooled(engine: Engine) -> None:
+    with pytest.raises(DBAPIError) as raised, engine.begin() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with create_engine(engine.url.render_as_string(hide_password=False)).connect() as other:
+            other.exec_driver_sql("SELECT pg_terminate_backend(%(pid)s)", {"pid": pid})
+        tail = Tail()
+        tail.defer(INSERT, {"id": 1})
+        tail.commit(conn)
+    assert raised.value.connection_invalidated
+    assert ids(engine) == []  # a new connection
