@@ -15,6 +15,7 @@ import pika.exceptions
 import structlog
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from outbox_relay import coalescing
 from outbox_relay.errors import RelayError
 from outbox_relay.store import OutboxRow
 from outbox_relay.topology import QueueDeclaration, Topology
@@ -333,6 +334,7 @@ async def connect_amqp(url: str, timeout: float) -> tuple[Any, asyncio.Future[Ba
         parameters = pika.URLParameters(url)
     except (ValueError, pika.exceptions.AMQPError) as e:
         raise RelayError(f"bad AMQP URL: {e}") from e
+    coalescing.install()
     connection = AsyncioConnection(
         parameters,
         on_open_callback=lambda c: _resolve(opened, c),
