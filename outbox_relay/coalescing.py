@@ -4,9 +4,9 @@ pika buffers every frame it writes (a publish is three: method, header, body) an
 the socket is writable, sends the buffers one ``send`` call each. With TCP_NODELAY, which
 pika sets, each call is a TCP segment of its own: a relay batch of 100 messages was 300
 syscalls and 300 segments for RabbitMQ to read. ``install`` makes the plain-TCP
-transport join what is buffered (up to ``LIMIT`` bytes) into one ``send``: the same bytes
-in the same order, fewer calls. Measured side by side (docs/benchmarks.md, 30 November):
-RabbitMQ's CPU per saga -17%, the relay's -7%.
+transport join what is buffered into one buffer before it sends: the same bytes in the
+same order, in as few calls as the socket allows. Measured side by side
+(docs/benchmarks.md, 30 November): RabbitMQ's CPU per saga -17%, the relay's -7%.
 
 It replaces a method of pika's private transport class, so it checks that the class
 still looks as expected (pika 1.3's layout) and otherwise leaves pika alone and says so:
@@ -16,7 +16,6 @@ the relay is then as correct, only slower. TLS connections keep pika's own write
 from __future__ import annotations
 
 import functools
-import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +23,6 @@ from typing import Any
 import structlog
 
 log = structlog.get_logger(__name__)
-
-LIMIT = 1 << 20  # bytes joined per send at most: a copy this size costs ~0.1 ms
 
 
 @functools.cache  # once per process
@@ -44,23 +41,16 @@ def install() -> bool:
     def _produce(self: Any) -> None:
         buffers = getattr(self, "_tx_buffers", None)
         if isinstance(buffers, deque) and len(buffers) > 1:
-            _join_front(buffers)
+            _join(buffers)
         original(self)
 
     base._produce = _produce
     return True
 
 
-def _join_front(buffers: deque[bytes]) -> None:
-    """Replace the first buffers of ``buffers`` (up to LIMIT bytes) by their join."""
-    size, count = 0, 0
-    for chunk in buffers:
-        if count and size + len(chunk) > LIMIT:
-            break
-        size += len(chunk)
-        count += 1
-    if count > 1:
-        joined = b"".join(itertools.islice(buffers, count))
-        for _ in range(count):
-            buffers.popleft()
-        buffers.appendleft(joined)
+def _join(buffers: deque[Any]) -> None:
+    """``buffers`` as one buffer: a memoryview, since pika re-queues the unsent tail of a
+    partial send by slicing it, which then copies nothing however large the burst."""
+    joined = memoryview(b"".join(buffers))
+    buffers.clear()
+    buffers.append(joined)
