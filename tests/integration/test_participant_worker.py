@@ -451,3 +451,18 @@ def test_one_batch_worker_serves_every_participant_bound_to_its_broker(
         lambda: all(len(replies(engine, c.correlation_id)) == 1 for c in (mine, theirs)),
     )
     assert replies(engine, theirs.correlation_id)[0].payload["result"] == {"steady": True}
+
+
+def test_a_duplicate_in_the_same_batch_gets_the_stored_success(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    # The first delivery's reply is stored by the statement the worker holds back for
+    # its COMMIT (outbox_relay.roundtrips): the second must see it, not an empty row.
+    cmd = command("flaky_ok")
+    for _ in range(2):
+        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+    run_batch(batch_broker, lambda: len(replies(engine, cmd.correlation_id)) == 2)
+    first, second = replies(engine, cmd.correlation_id)
+    assert first.type == second.type == "succeeded"
+    assert first.payload == second.payload == {"result": {"ok": True}}
+    assert len(inbox_rows(engine, [cmd.correlation_id])) == 1
