@@ -50,7 +50,7 @@ from orchestrator.machine import Command, Transition, start, transition
 from orchestrator.registry import Registry
 from orchestrator.state import SagaState
 from orchestrator.validation import check_input
-from outbox_relay import tracing
+from outbox_relay import roundtrips, tracing
 from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, encode, is_valid_traceparent
 from outbox_relay.roundtrips import Tail
 from outbox_relay.table import OutboxWriter, OutgoingMessage
@@ -210,7 +210,7 @@ class Orchestrator:
             self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
             for c in t.commands
         ]
-        _run(conn, tail, self.outbox.statement(messages))
+        roundtrips.run(conn, tail, self.outbox.statement(messages))
         with structlog.contextvars.bound_contextvars(
             correlation_id=saga_id, saga=name, version=version
         ):
@@ -503,7 +503,7 @@ class Orchestrator:
             history_rows,
             notify_settled=self.notify_settled,
         )
-        _run(conn, tail, self.outbox.statement(messages, along=along))
+        roundtrips.run(conn, tail, self.outbox.statement(messages, along=along))
 
     def _outgoing(
         self,
@@ -653,13 +653,3 @@ def _transaction_with_tail(
         tail = Tail()
         yield conn, tail
         tail.commit(conn)
-
-
-def _run(conn: Connection, tail: Tail | None, built: tuple[str, dict[str, Any]] | None) -> None:
-    """Run ``built`` (OutboxWriter.statement) now, or hold it in ``tail`` for the commit."""
-    if built is None:
-        return
-    if tail is not None:
-        tail.defer(*built)
-    else:
-        conn.exec_driver_sql(*built)

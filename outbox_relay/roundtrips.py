@@ -39,8 +39,8 @@ class Tail:
         self._pending.append((sql, params))
 
     def flush(self, conn: Connection) -> None:
-        while self._pending:
-            sql, params = self._pending.pop(0)
+        pending, self._pending = self._pending, []
+        for sql, params in pending:
             conn.exec_driver_sql(sql, params)
 
     def commit(self, target: Connection | Session) -> None:
@@ -66,6 +66,17 @@ class Tail:
         # Already ended: SQLAlchemy's commit only updates its state (psycopg sends
         # nothing for a connection outside a transaction).
         target.commit()
+
+
+def run(conn: Connection, tail: Tail | None, built: tuple[str, Params] | None) -> None:
+    """Run ``built`` (``OutboxWriter.statement``) now, or hold it in ``tail`` if there is
+    one, for the commit."""
+    if built is None:
+        return
+    if tail is not None:
+        tail.defer(*built)
+    else:
+        conn.exec_driver_sql(*built)
 
 
 def _driver(conn: Connection) -> psycopg.Connection[Any]:

@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from outbox_relay import roundtrips
 from outbox_relay.message import Envelope, ReplyType
 from outbox_relay.roundtrips import Tail
 from outbox_relay.table import SCHEMA, Along, OutboxWriter
@@ -82,6 +83,8 @@ class PostgresInbox:
     def savepoint(self, *, always: bool = False) -> AbstractContextManager[object]:
         if self.optimistic and not always:
             return _no_savepoint()
+        # What is held back goes out before SAVEPOINT: sent later, from inside the
+        # savepoint, a rollback to it would undo the step before.
         self._connection()
         return self.session.begin_nested()
 
@@ -101,11 +104,7 @@ class PostgresInbox:
                 params[f"r{i}_payload"] = _dumps(stored.payload)
             along = Along(tuple(_record(i) for i in range(len(records))), params)
         built = self.writer.statement([outgoing(reply, destination)], along=along)
-        assert built is not None  # one message
-        if self.tail is not None:
-            self.tail.defer(*built)
-        else:
-            self.session.connection().exec_driver_sql(*built)
+        roundtrips.run(self.session.connection(), self.tail, built)
 
     def _connection(self) -> Connection:
         conn = self.session.connection()
