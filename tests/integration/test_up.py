@@ -132,6 +132,14 @@ def expect(lines: queue.Queue[str], pattern: str, timeout: float, seen: list[str
     raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(seen))
 
 
+def drain(lines: queue.Queue[str], seen: list[str]) -> None:
+    while True:
+        try:
+            seen.append(lines.get_nowait())
+        except queue.Empty:
+            return
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -162,8 +170,9 @@ def test_sagabox_up_sets_up_restarts_what_dies_and_stops_on_sigterm(
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
     seen: list[str] = []
+    pids: dict[str, int] = {}
+    new_pid = 0
     try:
-        pids = {}
         for name in ("orchestrator-1", "relay-1", "relay-2", "inventory-1"):
             match = expect(lines, rf"started {name} \(pid (\d+)\), logs: (\S+)", 120, seen)
             pids[name] = int(match[1])
@@ -180,7 +189,16 @@ def test_sagabox_up_sets_up_restarts_what_dies_and_stops_on_sigterm(
             assert time.monotonic() < deadline, relay_log.read_text()
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=40) == 0, "\n".join(seen)
+        try:
+            code = process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            drain(lines, seen)
+            running = [n for n, p in pids.items() if alive(p)]
+            raise AssertionError(
+                f"sagabox up still running 40 s after SIGTERM; alive: {running}; said:\n"
+                + "\n".join(seen)
+            ) from None
+        assert code == 0, "\n".join(seen)
         expect(lines, r"stopped: ", 5, seen)
         for pid in [*pids.values(), new_pid]:
             assert not alive(pid), f"pid {pid} still running after sagabox up stopped"
@@ -189,4 +207,9 @@ def test_sagabox_up_sets_up_restarts_what_dies_and_stops_on_sigterm(
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()
+        # Its processes run in sessions of their own: none may outlive the test.
+        for pid in [*pids.values(), *([new_pid] if new_pid else [])]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         servers.drop_database(inventory_db)
