@@ -11,7 +11,6 @@ anywhere redelivers them and the reply inbox absorbs the redo.
 from __future__ import annotations
 
 import contextlib
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -81,10 +80,6 @@ class ReplyConsumer:
 
     def stop(self, *_: Any) -> None:
         self._stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
         delay = self.reconnect_delay

@@ -17,7 +17,7 @@ from orchestrator.metrics import SagaGauges, deadlines
 from orchestrator.service import ReplyConsumer
 from orchestrator.store import make_engine
 from outbox_relay.failpoints import Failpoints
-from sagabox import health, logs, metrics
+from sagabox import health, logs, metrics, signals
 from sagabox.registry import load_registry
 from sagabox.settings.orchestrator import OrchestratorSettings
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         # reconnects and the broker redelivers the batch.
         failpoints=Failpoints.from_env(error=pika.exceptions.AMQPConnectionError),
     )
-    consumer.install_signal_handlers()
+    signals.on_signals(lambda _: consumer.stop())
     if settings.metrics_port:
         SagaGauges(
             engine,

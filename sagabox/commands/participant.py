@@ -11,14 +11,13 @@ import dataclasses
 import multiprocessing
 import signal
 import threading
-from types import FrameType
 from typing import Any
 
 import structlog
 
 from outbox_relay.failpoints import Failpoints
 from participants import worker
-from sagabox import health, logs, metrics
+from sagabox import health, logs, metrics, signals
 from sagabox.settings.participant import ParticipantSettings
 
 BRANCHES = ("outbox", "participant")
@@ -88,12 +87,11 @@ def serve(module: str, settings: ParticipantSettings, index: int = 0) -> None:
         metrics.serve_metrics(settings.metrics_port + index)
     stop = threading.Event()
 
-    def on_signal(signum: int, _: FrameType | None) -> None:
-        structlog.get_logger().info("participant_stopping", signal=signal.Signals(signum).name)
+    def on_signal(sig: signal.Signals) -> None:
+        structlog.get_logger().info("participant_stopping", signal=sig.name)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    signals.on_signals(on_signal)
     config = dataclasses.replace(settings.worker_config(), failpoints=Failpoints.from_env())
     worker.run(participants, config, stop)
 
@@ -107,13 +105,12 @@ def supervise(module: str, settings: ParticipantSettings) -> int:
         for i in range(settings.processes)
     ]
 
-    def forward(signum: int, _: FrameType | None) -> None:
+    def forward(_: signal.Signals) -> None:
         for child in children:
             if child.is_alive() and child.pid is not None:
                 child.terminate()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    signals.on_signals(forward)
     for child in children:
         child.start()
     for child in children:

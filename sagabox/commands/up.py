@@ -7,10 +7,10 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from participants.examples import SERVICES
+from sagabox import signals
 from sagabox.settings import Env
 from sagabox.up import Replicas, Up, UpConfig, setup
 
@@ -65,10 +65,9 @@ def run(args: argparse.Namespace) -> int:
     up = Up(config, log_dir, stop_timeout=args.stop_timeout, say=lambda s: print(s, flush=True))
     stop = threading.Event()
 
-    def on_signal(signum: int, _: FrameType | None) -> None:
-        print(f"sagabox up: {signal.Signals(signum).name}, stopping", flush=True)
+    def on_signal(sig: signal.Signals) -> None:
+        print(f"sagabox up: {sig.name}, stopping", flush=True)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    signals.on_signals(on_signal)
     return up.run(stop)
