@@ -183,7 +183,25 @@ class Orchestrator:
         if extra:
             # Kept in the history too, so that replay rebuilds the same state.
             started["event_data"] = {**started["event_data"], "extra": extra}
-        # The saga row and its first history row in one round trip.
+        messages = [
+            self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
+            for c in t.commands
+        ]
+        if idempotency_key is None:
+            along = store.new_saga(
+                saga_id=saga_id,
+                name=name,
+                version=version,
+                status=t.state.status.value,
+                state=t.state.to_dict(),
+                wake_at=t.state.wake_at,
+                started=started,
+            )
+            roundtrips.run(conn, tail, self.outbox.statement(messages, along=along))
+            self._log_started(saga_id, name, version, t)
+            return saga_id
+        # The saga row and its first history row in one round trip, whose result says
+        # whether the key was new.
         inserted = store.insert_started_saga(
             conn,
             saga_id=saga_id,
@@ -206,16 +224,16 @@ class Orchestrator:
                     "with different data"
                 )
             return existing.id
-        messages = [
-            self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
-            for c in t.commands
-        ]
         roundtrips.run(conn, tail, self.outbox.statement(messages))
+        self._log_started(saga_id, name, version, t)
+        return saga_id
+
+    @staticmethod
+    def _log_started(saga_id: str, name: str, version: int, t: Transition) -> None:
         with structlog.contextvars.bound_contextvars(
             correlation_id=saga_id, saga=name, version=version
         ):
             log.info("saga_started", status=t.state.status.value, commands=len(t.commands))
-        return saga_id
 
     # -- replies -----------------------------------------------------------------
 

@@ -105,6 +105,25 @@ WITH inserted AS ({INSERT_SAGA}
 )
 SELECT id FROM inserted"""
 
+# Without an idempotency key nothing can conflict (the id is new), so nobody reads a
+# result: the saga row and its first history row ride with the start's outbox insert,
+# as CTEs of that one statement (outbox_relay.table.Along), held back for the COMMIT.
+_NEW_SAGA = f"""
+INSERT INTO {saga.fullname}
+    (id, name, version, status, state, wake_at, idempotency_key, revision)
+VALUES (
+    %(id)s::uuid, %(name)s::text, %(version)s::int, %(status)s::text, %(state)s::jsonb,
+    %(wake_at)s::timestamptz, NULL, 1
+)"""
+_NEW_SAGA_STARTED = f"""
+INSERT INTO {history.fullname} ({_HISTORY_COLUMNS})
+VALUES (
+    %(id)s::uuid, %(h_seq)s::int, %(h_at)s::timestamptz, %(h_event)s::text, %(h_step)s::text,
+    %(h_attempt)s::int, %(h_message_id)s::uuid, %(h_from_status)s::text,
+    %(h_to_status)s::text, %(h_reason)s::text, %(h_event_data)s::jsonb,
+    %(h_emitted)s::jsonb, %(h_actor)s::text
+)"""
+
 FIND_BY_KEY = f"""
 SELECT {_SAGA_COLUMNS} FROM {saga.fullname}
 WHERE name = %(name)s::text AND idempotency_key = %(idempotency_key)s::text"""
@@ -196,6 +215,55 @@ def insert_started_saga(
     started: Mapping[str, Any],
 ) -> bool:
     """insert_saga and, only when the saga was inserted, its first history row ``started``."""
+    params = _started_params(
+        saga_id=saga_id,
+        name=name,
+        version=version,
+        status=status,
+        state=state,
+        wake_at=wake_at,
+        idempotency_key=idempotency_key,
+        started=started,
+    )
+    return conn.exec_driver_sql(INSERT_STARTED_SAGA, params).first() is not None
+
+
+def new_saga(
+    *,
+    saga_id: str,
+    name: str,
+    version: int,
+    status: str,
+    state: Mapping[str, Any],
+    wake_at: float | None,
+    started: Mapping[str, Any],
+) -> Along:
+    """A saga without an idempotency key and its first history row ``started``, as
+    statements to run with the start's outbox insert (``OutboxWriter.statement``)."""
+    params = _started_params(
+        saga_id=saga_id,
+        name=name,
+        version=version,
+        status=status,
+        state=state,
+        wake_at=wake_at,
+        idempotency_key=None,
+        started=started,
+    )
+    return Along((_NEW_SAGA, _NEW_SAGA_STARTED), params)
+
+
+def _started_params(
+    *,
+    saga_id: str,
+    name: str,
+    version: int,
+    status: str,
+    state: Mapping[str, Any],
+    wake_at: float | None,
+    idempotency_key: str | None,
+    started: Mapping[str, Any],
+) -> dict[str, Any]:
     params = _saga_params(
         saga_id=saga_id,
         name=name,
@@ -219,7 +287,7 @@ def insert_started_saga(
         h_emitted=_dumps(started.get("emitted")),
         h_actor=started.get("actor"),
     )
-    return conn.exec_driver_sql(INSERT_STARTED_SAGA, params).first() is not None
+    return params
 
 
 def _saga_params(

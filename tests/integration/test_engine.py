@@ -20,6 +20,7 @@ from orchestrator import (
     Saga,
     SagaStatus,
     StepStatus,
+    StoreError,
     UnknownSagaError,
 )
 from orchestrator.machine import command_id
@@ -62,6 +63,37 @@ def test_start_writes_state_history_and_the_first_command(
     )
     assert envelope.payload == {"sku": "sku-1", "qty": 2}
     assert envelope.reply_to == "sagabox.replies"
+
+
+@pytest.mark.parametrize("key", [None, "order-7"])
+def test_a_start_whose_outbox_insert_fails_leaves_no_saga(
+    orch: Orchestrator, engine: Engine, key: str | None
+) -> None:
+    # Without a key the saga and history rows ride in the outbox insert, sent with
+    # COMMIT; with one they go first. Either way the database refusing the outbox row
+    # must leave no saga and no history behind, and the pool usable.
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION public.refuse_outbox() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'outbox refused'; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON sagabox.outbox"
+            " FOR EACH ROW EXECUTE FUNCTION public.refuse_outbox()"
+        )
+    try:
+        with pytest.raises(StoreError, match="outbox refused"):
+            orch.start("order", DATA, idempotency_key=key)
+        assert count(engine, saga) == count(engine, history) == count(engine, outbox) == 0
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse ON sagabox.outbox")
+            conn.exec_driver_sql("DROP FUNCTION public.refuse_outbox()")
+    first = orch.start("order", DATA, idempotency_key=key)
+    second = orch.start("order", DATA, idempotency_key=key)
+    assert (second == first) is (key is not None)
+    sagas = 1 if key else 2
+    assert count(engine, saga) == count(engine, history) == count(engine, outbox) == sagas
 
 
 def test_start_in_the_callers_transaction_commits_or_rolls_back_with_it(
