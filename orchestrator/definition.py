@@ -24,9 +24,9 @@ step needs exists by the time it runs (orchestrator.validation).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from outbox_relay.message import RESULT_REF
 
@@ -145,17 +145,23 @@ class Saga:
     @property
     def stages(self) -> tuple[tuple[Step, ...], ...]:
         """The steps grouped as they run: one tuple per stage, in order."""
+        return _derived(self, "stages", self._stages)
+
+    def _stages(self) -> tuple[tuple[Step, ...], ...]:
         return tuple(item.steps if isinstance(item, Parallel) else (item,) for item in self.steps)
 
     @property
     def flat_steps(self) -> tuple[Step, ...]:
-        return tuple(step for stage in self.stages for step in stage)
+        return _derived(self, "flat_steps", lambda: tuple(s for st in self.stages for s in st))
 
     def step(self, name: str) -> Step:
+        return _derived(self, "by_name", self._by_name)[name]
+
+    def _by_name(self) -> dict[str, Step]:
+        by_name: dict[str, Step] = {}
         for step in self.flat_steps:
-            if step.name == name:
-                return step
-        raise KeyError(name)
+            by_name.setdefault(step.name, step)  # the first, as validation reads them
+        return by_name
 
     @property
     def slips(self) -> dict[str, tuple[Step, ...]]:
@@ -169,9 +175,9 @@ class Saga:
         """
         if not self.routing_slip:
             return {}
-        cached = _SLIPS.get(id(self))
-        if cached is not None and cached[0] is self:
-            return cached[1]
+        return _derived(self, "slips", self._slips)
+
+    def _slips(self) -> dict[str, tuple[Step, ...]]:
         runs: list[list[Step]] = [[]]
         for stage in self.stages:
             step = stage[0]
@@ -183,13 +189,11 @@ class Saga:
                 runs.append([step])
             else:
                 run.append(step)
-        out = {
+        return {
             step.name: tuple(run[index + 1 :])
             for run in runs
             for index, step in enumerate(run[:-1])
         }
-        _SLIPS[id(self)] = (self, out)
-        return out
 
     def deadline_of(self, name: str) -> float:
         """Seconds from sending step ``name``'s command to its deadline: its timeout,
@@ -204,8 +208,21 @@ class Saga:
         return None
 
 
-# Saga is frozen with slots (no cached_property): its slips, computed once per object.
-_SLIPS: dict[int, tuple[Saga, dict[str, tuple[Step, ...]]]] = {}
+# Saga is frozen with slots (no cached_property): what derives from its steps (looked up
+# on every transition) is computed once per object and kept with the object itself, so
+# that an id reused by a later object never matches.
+_DERIVED: dict[tuple[int, str], tuple[Saga, Any]] = {}
+T = TypeVar("T")
+
+
+def _derived(saga: Saga, key: str, compute: Callable[[], T]) -> T:
+    cached = _DERIVED.get((id(saga), key))
+    if cached is not None and cached[0] is saga:
+        value: T = cached[1]
+        return value
+    value = compute()
+    _DERIVED[(id(saga), key)] = (saga, value)
+    return value
 
 
 def render(
