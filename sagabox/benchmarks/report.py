@@ -46,7 +46,31 @@ def render(report: Report) -> str:
     for s in report.systems:
         lines += [f"  {s.name} consistency: {p}" for p in s.problems]
     lines += [f"note: {n}" for n in report.notes]
+    lines += _machine(report)
     return "\n".join(lines)
+
+
+def _machine(report: Report) -> list[str]:
+    """How fast the machine ran, before and after: absolute figures of two runs compare
+    only as far as these agree (sagabox.benchmarks.calibrate)."""
+    if not report.machine:
+        return []
+    first, last = report.machine[0], report.machine[-1]
+    line = (
+        f"machine: a fixed Python workload {first.python_us:.1f} us of CPU, a PostgreSQL"
+        f" round trip {first.roundtrip_us:.0f} us"
+    )
+    if len(report.machine) > 1:
+        line += (
+            f" before the run; {last.python_us:.1f} us and {last.roundtrip_us:.0f} us after"
+            f" ({_change(first.python_us, last.python_us)},"
+            f" {_change(first.roundtrip_us, last.roundtrip_us)})"
+        )
+    return ["", line]
+
+
+def _change(before: float, after: float) -> str:
+    return f"{100 * (after - before) / before:+.0f}%" if before > 0 else "n/a"
 
 
 def _figures(s: SystemResult) -> str:
@@ -211,6 +235,15 @@ def render_rounds(rounds: Sequence[Report]) -> str:
             ratios.append(ratio)
         shown = f"{ratio:>9.2f}x" if ratio is not None else f"{'-':>10}"
         lines.append(f"  {i:<7}{cells}{shown}")
+    speeds = [
+        f"{i}: {r.machine[0].python_us:.1f} -> {r.machine[-1].python_us:.1f}"
+        for i, r in enumerate(rounds, 1)
+        if r.machine
+    ]
+    if speeds:
+        lines.append(
+            "machine, the Python workload's us before -> after each round: " + ", ".join(speeds)
+        )
     if ratios:
         lines.append(
             f"sagabox / fastest peer, median of {len(ratios)} rounds: "

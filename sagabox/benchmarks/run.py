@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sagabox.benchmarks import limits
+from sagabox.benchmarks import calibrate, limits
+from sagabox.benchmarks.calibrate import Calibration
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.result import SystemResult
 from sagabox.benchmarks.saga import SagaboxBench
@@ -59,6 +60,8 @@ class Report:
     pgbench: dict[int, float] = field(default_factory=dict)  # clients -> transitions/s
     pika: float | None = None  # messages/s
     notes: list[str] = field(default_factory=list)
+    # The machine's speed before the run and after it (sagabox.benchmarks.calibrate).
+    machine: list[Calibration] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +84,7 @@ def missing(peer: str) -> str | None:
 
 def run(options: Options, say: Callable[[str], None]) -> Report:
     report = Report(options)
+    report.machine.append(calibrate.measure(options.admin_url))
     bench = SagaboxBench(
         admin_url=options.admin_url,
         amqp_host=options.amqp_host,
@@ -133,6 +137,7 @@ def run(options: Options, say: Callable[[str], None]) -> Report:
         elif peer == "pika":
             say(f"pika: {options.pika_messages} messages, pipelined confirms")
             report.pika = limits.pika_rate(options.pika_messages)
+    report.machine.append(calibrate.measure(options.admin_url))
     return report
 
 

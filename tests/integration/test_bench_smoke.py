@@ -61,6 +61,11 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(
     assert all(not math.isnan(v) for v in main.cpu_seconds.values()), text
     line = next(row for row in text.splitlines() if row.startswith("sagabox "))
     assert line.endswith("ok"), text
+    # The machine's speed, measured before and after on the same PostgreSQL.
+    assert len(report.machine) == 2, text
+    for speed in report.machine:
+        assert 0 < speed.python_us < 10_000 and 0 < speed.roundtrip_us < 1_000_000, text
+    assert text.splitlines()[-1].startswith("machine: a fixed Python workload "), text
 
 
 def test_with_two_replicas_of_each_process_the_check_still_holds(services: None) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from sagabox.benchmarks.calibrate import Calibration
 from sagabox.benchmarks.drive import Run
-from sagabox.benchmarks.report import render_rounds
+from sagabox.benchmarks.report import render, render_rounds
 from sagabox.benchmarks.result import Measured, SystemResult
 from sagabox.benchmarks.run import Options, Report
 
@@ -32,3 +33,19 @@ def test_rounds_show_each_ratio_against_that_rounds_fastest_peer_and_the_median(
 def test_a_round_without_peers_has_no_ratio() -> None:
     text = render_rounds([Report(Options(), [system("sagabox", 80, 10)])] * 2)
     assert "median" not in text and text.splitlines()[-1].split()[-1] == "-"
+
+
+def test_each_round_says_how_fast_the_machine_ran_before_and_after_it() -> None:
+    rounds = [round_of(90, 60, 10), round_of(60, 50, 12)]
+    rounds[0].machine = [Calibration(17.0, 110.0), Calibration(21.25, 99.0)]
+    rounds[1].machine = [Calibration(21.0, 100.0), Calibration(20.5, 101.0)]
+    lines = render_rounds(rounds).splitlines()
+    assert lines[-2] == (
+        "machine, the Python workload's us before -> after each round: "
+        "1: 17.0 -> 21.2, 2: 21.0 -> 20.5"
+    )
+    assert render(rounds[0]).splitlines()[-1] == (
+        "machine: a fixed Python workload 17.0 us of CPU, a PostgreSQL round trip 110 us"
+        " before the run; 21.2 us and 99 us after (+25%, -10%)"
+    )
+    assert "machine" not in render(round_of(90, 60, 10))
