@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import psycopg
 
+from sagabox.benchmarks import cpu
+
 # Shaped like a saga message: the hot path's JSON and uuid5 work, no I/O.
 _PAYLOAD = {
     "message_id": "6f1c0f0e-3c1a-4f6e-9a51-2b8d5d7c9e10",
@@ -32,10 +34,12 @@ _NAMESPACE = uuid.UUID("5b0f9d3e-3f43-4a4f-9a0e-6d1f5c7b2a11")
 
 @dataclass(frozen=True)
 class Calibration:
-    """Microseconds: one pass of the Python workload (CPU), one ``SELECT 1`` (wall)."""
+    """Microseconds: one pass of the Python workload (CPU); one ``SELECT 1`` (wall), and
+    the CPU it cost the client and the server together (NaN where /proc cannot tell)."""
 
     python_us: float
     roundtrip_us: float
+    roundtrip_cpu_us: float = float("nan")
 
 
 def python_us(iterations: int = 4000, repeats: int = 5) -> float:
@@ -52,18 +56,26 @@ def python_us(iterations: int = 4000, repeats: int = 5) -> float:
     return 1e6 * best / iterations
 
 
-def roundtrip_us(admin_url: str, queries: int = 300, repeats: int = 3) -> float:
-    """Wall time of one ``SELECT 1`` on loopback, the fastest of ``repeats`` batches."""
+def roundtrip(admin_url: str, queries: int = 1000, repeats: int = 3) -> tuple[float, float]:
+    """One ``SELECT 1`` on loopback: its wall time, the fastest of ``repeats`` batches, and
+    its CPU on both sides over all of them. A saga's cost is mostly such round trips (to
+    PostgreSQL, and their like to RabbitMQ): this is the figure that moves with it."""
     best = float("inf")
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("SELECT 1")
+        server = conn.info.backend_pid
+        before = time.process_time(), cpu.stat(server)
         for _ in range(repeats):
             started = time.perf_counter()
             for _ in range(queries):
                 conn.execute("SELECT 1").fetchone()
             best = min(best, time.perf_counter() - started)
-    return 1e6 * best / queries
+        after = time.process_time(), cpu.stat(server)
+    spent = float("nan")
+    if before[1] is not None and after[1] is not None:
+        spent = (after[0] - before[0]) + (after[1].cpu - before[1].cpu)
+    return 1e6 * best / queries, 1e6 * spent / (queries * repeats)
 
 
 def measure(admin_url: str) -> Calibration:
-    return Calibration(python_us(), roundtrip_us(admin_url))
+    return Calibration(python_us(), *roundtrip(admin_url))

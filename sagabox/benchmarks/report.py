@@ -58,19 +58,20 @@ def _machine(report: Report) -> list[str]:
     first, last = report.machine[0], report.machine[-1]
     line = (
         f"machine: a fixed Python workload {first.python_us:.1f} us of CPU, a PostgreSQL"
-        f" round trip {first.roundtrip_us:.0f} us"
+        f" round trip {first.roundtrip_us:.0f} us ({first.roundtrip_cpu_us:.0f} us of CPU)"
     )
     if len(report.machine) > 1:
         line += (
-            f" before the run; {last.python_us:.1f} us and {last.roundtrip_us:.0f} us after"
-            f" ({_change(first.python_us, last.python_us)},"
-            f" {_change(first.roundtrip_us, last.roundtrip_us)})"
+            f" before the run; {last.python_us:.1f}, {last.roundtrip_us:.0f}"
+            f" ({last.roundtrip_cpu_us:.0f}) after: {_change(first.python_us, last.python_us)},"
+            f" {_change(first.roundtrip_us, last.roundtrip_us)}"
+            f" ({_change(first.roundtrip_cpu_us, last.roundtrip_cpu_us)})"
         )
     return ["", line]
 
 
 def _change(before: float, after: float) -> str:
-    return f"{100 * (after - before) / before:+.0f}%" if before > 0 else "n/a"
+    return f"{100 * (after - before) / before:+.0f}%" if before > 0 and after >= 0 else "n/a"
 
 
 def _figures(s: SystemResult) -> str:

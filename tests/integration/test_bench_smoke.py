@@ -65,6 +65,9 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(
     assert len(report.machine) == 2, text
     for speed in report.machine:
         assert 0 < speed.python_us < 10_000 and 0 < speed.roundtrip_us < 1_000_000, text
+        # Both sides of a round trip spend CPU (a clock tick is 10 ms: over 3,000 of
+        # them, never zero).
+        assert 0 < speed.roundtrip_cpu_us < speed.roundtrip_us * 10, text
     assert text.splitlines()[-1].startswith("machine: a fixed Python workload "), text
 
 

@@ -37,7 +37,7 @@ def test_a_round_without_peers_has_no_ratio() -> None:
 
 def test_each_round_says_how_fast_the_machine_ran_before_and_after_it() -> None:
     rounds = [round_of(90, 60, 10), round_of(60, 50, 12)]
-    rounds[0].machine = [Calibration(17.0, 110.0), Calibration(21.25, 99.0)]
+    rounds[0].machine = [Calibration(17.0, 110.0, 100.0), Calibration(21.25, 99.0, 130.0)]
     rounds[1].machine = [Calibration(21.0, 100.0), Calibration(20.5, 101.0)]
     lines = render_rounds(rounds).splitlines()
     assert lines[-2] == (
@@ -46,6 +46,6 @@ def test_each_round_says_how_fast_the_machine_ran_before_and_after_it() -> None:
     )
     assert render(rounds[0]).splitlines()[-1] == (
         "machine: a fixed Python workload 17.0 us of CPU, a PostgreSQL round trip 110 us"
-        " before the run; 21.2 us and 99 us after (+25%, -10%)"
+        " (100 us of CPU) before the run; 21.2, 99 (130) after: +25%, -10% (+30%)"
     )
     assert "machine" not in render(round_of(90, 60, 10))
