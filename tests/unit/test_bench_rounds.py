@@ -38,11 +38,11 @@ def test_a_round_without_peers_has_no_ratio() -> None:
 def test_each_round_says_how_fast_the_machine_ran_before_and_after_it() -> None:
     rounds = [round_of(90, 60, 10), round_of(60, 50, 12)]
     rounds[0].machine = [Calibration(17.0, 110.0, 100.0), Calibration(21.25, 99.0, 130.0)]
-    rounds[1].machine = [Calibration(21.0, 100.0), Calibration(20.5, 101.0)]
+    rounds[1].machine = [Calibration(21.0, 100.0, 80.0), Calibration(20.5, 101.0, 79.6)]
     lines = render_rounds(rounds).splitlines()
     assert lines[-2] == (
-        "machine, the Python workload's us before -> after each round: "
-        "1: 17.0 -> 21.2, 2: 21.0 -> 20.5"
+        "machine, a PostgreSQL round trip's CPU in us before -> after each round: "
+        "1: 100 -> 130, 2: 80 -> 80"
     )
     assert render(rounds[0]).splitlines()[-1] == (
         "machine: a fixed Python workload 17.0 us of CPU, a PostgreSQL round trip 110 us"
