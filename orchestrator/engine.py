@@ -187,32 +187,24 @@ class Orchestrator:
             self._outgoing(definition.name, version, c, None, now, traceparent=traceparent)
             for c in t.commands
         ]
+        new = store.NewSaga(
+            saga_id,
+            name,
+            version,
+            t.state.status.value,
+            t.state.to_dict(),
+            t.state.wake_at,
+            idempotency_key,
+            started,
+        )
         if idempotency_key is None:
-            along = store.new_saga(
-                saga_id=saga_id,
-                name=name,
-                version=version,
-                status=t.state.status.value,
-                state=t.state.to_dict(),
-                wake_at=t.state.wake_at,
-                started=started,
-            )
+            along = store.new_saga(new)
             roundtrips.run(conn, tail, self.outbox.statement(messages, along=along))
             self._log_started(saga_id, name, version, t)
             return saga_id
         # The saga row and its first history row in one round trip, whose result says
         # whether the key was new.
-        inserted = store.insert_started_saga(
-            conn,
-            saga_id=saga_id,
-            name=name,
-            version=version,
-            status=t.state.status.value,
-            state=t.state.to_dict(),
-            wake_at=t.state.wake_at,
-            idempotency_key=idempotency_key,
-            started=started,
-        )
+        inserted = store.insert_started_saga(conn, new)
         if not inserted:
             assert idempotency_key is not None
             existing = store.find_by_key(conn, name, idempotency_key)

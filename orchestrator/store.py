@@ -202,92 +202,59 @@ def insert_saga(
     return conn.exec_driver_sql(INSERT_SAGA, params).first() is not None
 
 
-def insert_started_saga(
-    conn: Connection,
-    *,
-    saga_id: str,
-    name: str,
-    version: int,
-    status: str,
-    state: Mapping[str, Any],
-    wake_at: float | None,
-    idempotency_key: str | None,
-    started: Mapping[str, Any],
-) -> bool:
-    """insert_saga and, only when the saga was inserted, its first history row ``started``."""
-    params = _started_params(
-        saga_id=saga_id,
-        name=name,
-        version=version,
-        status=status,
-        state=state,
-        wake_at=wake_at,
-        idempotency_key=idempotency_key,
-        started=started,
-    )
-    return conn.exec_driver_sql(INSERT_STARTED_SAGA, params).first() is not None
+@dataclass(frozen=True, slots=True)
+class NewSaga:
+    """A saga as its start writes it: its row, and its first history row ``started``."""
+
+    saga_id: str
+    name: str
+    version: int
+    status: str
+    state: Mapping[str, Any]
+    wake_at: float | None
+    idempotency_key: str | None
+    started: Mapping[str, Any]
+
+    def params(self) -> dict[str, Any]:
+        params = _saga_params(
+            saga_id=self.saga_id,
+            name=self.name,
+            version=self.version,
+            status=self.status,
+            state=self.state,
+            wake_at=self.wake_at,
+            idempotency_key=self.idempotency_key,
+        )
+        started = self.started
+        params.update(
+            h_seq=started["seq"],
+            h_at=timestamp(started["at"]),
+            h_event=started["event"],
+            h_step=started.get("step"),
+            h_attempt=started.get("attempt"),
+            h_message_id=started.get("message_id"),
+            h_from_status=started.get("from_status"),
+            h_to_status=started["to_status"],
+            h_reason=started.get("reason"),
+            h_event_data=_dumps(started["event_data"]),
+            h_emitted=_dumps(started.get("emitted")),
+            h_actor=started.get("actor"),
+        )
+        return params
 
 
-def new_saga(
-    *,
-    saga_id: str,
-    name: str,
-    version: int,
-    status: str,
-    state: Mapping[str, Any],
-    wake_at: float | None,
-    started: Mapping[str, Any],
-) -> Along:
-    """A saga without an idempotency key and its first history row ``started``, as
-    statements to run with the start's outbox insert (``OutboxWriter.statement``)."""
-    params = _started_params(
-        saga_id=saga_id,
-        name=name,
-        version=version,
-        status=status,
-        state=state,
-        wake_at=wake_at,
-        idempotency_key=None,
-        started=started,
-    )
-    return Along((_NEW_SAGA, _NEW_SAGA_STARTED), params)
+def insert_started_saga(conn: Connection, saga: NewSaga) -> bool:
+    """The saga row and, only when it was inserted (its idempotency key was new), its
+    first history row, in one round trip."""
+    return conn.exec_driver_sql(INSERT_STARTED_SAGA, saga.params()).first() is not None
 
 
-def _started_params(
-    *,
-    saga_id: str,
-    name: str,
-    version: int,
-    status: str,
-    state: Mapping[str, Any],
-    wake_at: float | None,
-    idempotency_key: str | None,
-    started: Mapping[str, Any],
-) -> dict[str, Any]:
-    params = _saga_params(
-        saga_id=saga_id,
-        name=name,
-        version=version,
-        status=status,
-        state=state,
-        wake_at=wake_at,
-        idempotency_key=idempotency_key,
-    )
-    params.update(
-        h_seq=started["seq"],
-        h_at=timestamp(started["at"]),
-        h_event=started["event"],
-        h_step=started.get("step"),
-        h_attempt=started.get("attempt"),
-        h_message_id=started.get("message_id"),
-        h_from_status=started.get("from_status"),
-        h_to_status=started["to_status"],
-        h_reason=started.get("reason"),
-        h_event_data=_dumps(started["event_data"]),
-        h_emitted=_dumps(started.get("emitted")),
-        h_actor=started.get("actor"),
-    )
-    return params
+def new_saga(saga: NewSaga) -> Along:
+    """A saga without an idempotency key, as statements to run with the start's outbox
+    insert (``OutboxWriter.statement``): nothing can conflict, nothing is read back."""
+    if saga.idempotency_key is not None:
+        raise ValueError("a saga with an idempotency key goes through insert_started_saga")
+    return Along((_NEW_SAGA, _NEW_SAGA_STARTED), saga.params())
 
 
 def _saga_params(
