@@ -342,6 +342,11 @@ def transitions(
 # Waiters (orchestrator.waiting) LISTEN here: payload "saga id:status,..." for each saga
 # that reached completed, compensated or failed in the transaction.
 SETTLED_CHANNEL = "sagabox_saga_settled"
+# What a waiter's LISTEN session runs about once a second: a session that only reads
+# notifications (a transaction each) reports none of them to pg_stat_database until
+# it runs a statement, and a dead connection would go unnoticed until TCP gives up
+# (outbox_relay.store.check_listening says more).
+LISTEN_CHECK = "SELECT 1"
 # What a waiter reads: the first time, and after missing notifications.
 SAGA_STATUSES = "SELECT id::text, status FROM sagabox.saga WHERE id = ANY(%s::uuid[])"
 # PostgreSQL's NOTIFY payloads must stay under 8000 bytes.

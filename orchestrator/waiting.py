@@ -29,7 +29,7 @@ import structlog
 
 from orchestrator.errors import StoreError, UnknownSagaError, WaitTimeoutError
 from orchestrator.state import SETTLED
-from orchestrator.store import SAGA_STATUSES, SETTLED_CHANNEL
+from orchestrator.store import LISTEN_CHECK, SAGA_STATUSES, SETTLED_CHANNEL
 
 log = structlog.get_logger(__name__)
 
@@ -141,11 +141,15 @@ class SagaWaiter:
                     self._listen_pid = conn.info.backend_pid
                     self._listening.set()
                     self._catch_up()
+                    checked = time.monotonic()
                     while not self._closed.is_set():
                         for notify in conn.notifies(timeout=0.5):
                             for pair in notify.payload.split(","):
                                 saga_id, _, status = pair.partition(":")
                                 self._settle(saga_id, status)
+                        if time.monotonic() - checked >= 1.0:
+                            conn.execute(LISTEN_CHECK)
+                            checked = time.monotonic()
             except (psycopg.Error, StoreError) as e:
                 self._listening.clear()
                 log.warning("saga_waiter_reconnecting", error=repr(e))

@@ -560,10 +560,11 @@ class DatabaseRelay:
                     self._poll_until = loop.time() + self._config.active_window
                     self._wake.set()
                     while True:
-                        async for note in conn.notifies(timeout=self._config.idle_poll_interval):
+                        async for note in conn.notifies(timeout=store.LISTEN_CHECK_INTERVAL):
                             if note.payload == DEBOUNCING:
                                 self._poll_until = loop.time() + self._config.active_window
                             self._wake.set()
+                        await store.check_listening(conn)
             except (psycopg.Error, OSError) as e:
                 if self._config.exclusive and self._leading.is_set():
                     # The lock went with the session: a standby may lead by now.

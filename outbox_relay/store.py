@@ -193,6 +193,23 @@ async def listen(conn: AsyncConn, *, listening: bool = True) -> None:
     await conn.execute(LISTEN if listening else f"UNLISTEN {NOTIFY_CHANNEL}")
 
 
+# How often a LISTEN session that only receives notifications runs a statement (below).
+LISTEN_CHECK_INTERVAL = 1.0
+
+
+async def check_listening(conn: AsyncConn) -> None:
+    """A statement on a LISTEN session, about once a second.
+
+    PostgreSQL (15 and later) reads each notification in a transaction of the listening
+    session, and a session reports its statistics only when it goes idle after a
+    statement: one that only listens keeps its commits out of ``pg_stat_database``
+    until it disconnects (a relay's ran to about one per saga message). The statement
+    also fails on a dead connection, so the listener reconnects and catches up instead
+    of waiting for TCP to give up. psycopg keeps the notifications that arrive meanwhile.
+    """
+    await conn.execute(BEAT)
+
+
 async def lead(conn: AsyncConn) -> bool:
     """Take this database's relay leadership for the session of ``conn``, if free."""
     cur = await conn.execute(LEAD)

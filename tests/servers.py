@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,28 @@ def database_url(name: str) -> str:
 def admin(sql: str) -> None:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(sql)
+
+
+def commits(url: str) -> int:
+    """xact_commit of ``url``'s database, as its sessions have reported it so far."""
+    name = url.rpartition("/")[2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", [name]
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def notify_elsewhere(url: str, count: int) -> None:
+    """``count`` NOTIFYs, each its own transaction, on a channel nobody listens to.
+
+    PostgreSQL still wakes every session LISTENing in that database, which reads the
+    queue in a transaction of its own each time. The connection closes at the end, so
+    its own ``count`` commits are reported."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(count):
+            conn.execute("NOTIFY sagabox_test_elsewhere")
+            time.sleep(0.005)
 
 
 def create_template(prefix: str = "sagabox_tpl") -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from collections.abc import Sequence
+from typing import Any
 
 from sagabox.benchmarks.result import SystemResult
 from sagabox.benchmarks.run import Report
@@ -262,3 +265,62 @@ def _ratio(report: Report) -> float | None:
     if ours is None or not peers:
         return None
     return ours.main.run.rate / max(s.main.run.rate for s in peers)
+
+
+def to_json(rounds: Sequence[Report]) -> dict[str, Any]:
+    """Every figure of a run and of its ``--repeat`` rounds, for ``--json``: the options,
+    each round's systems (with every latency), limits, notes and machine speed, the
+    figures its table prints, and the ratios. Strict JSON: what /proc could not tell
+    (NaN) is null."""
+    ratios = [r for r in map(_ratio, rounds) if r is not None]
+    document = {
+        "options": dataclasses.asdict(rounds[0].options),
+        "rounds": [
+            {
+                "systems": [
+                    {**s.to_json(), "summary": _summary(s, report)} for s in report.systems
+                ],
+                "ratio": _ratio(report),
+                "pgbench": {str(clients): tps for clients, tps in report.pgbench.items()},
+                "pika": report.pika,
+                "notes": report.notes,
+                "machine": [dataclasses.asdict(c) for c in report.machine],
+            }
+            for report in rounds
+        ],
+        "median_ratio": statistics.median(ratios) if ratios else None,
+    }
+    strict: dict[str, Any] = _strict(document)
+    return strict
+
+
+def _summary(s: SystemResult, report: Report) -> dict[str, Any]:
+    """The main closed loop's figures as the table prints them (CPU in ms per saga)."""
+    m, run = s.main, s.main.run
+    cpu = {name: 1000 * m.per_saga(v) for name, v in m.cpu_seconds.items()}
+    own = 1000 * m.per_saga(own_cpu(s))
+    return {
+        "sagas_per_second": run.rate,
+        "p50_ms": run.percentile(0.5),
+        "p95_ms": run.percentile(0.95),
+        "p99_ms": run.percentile(0.99),
+        "commits_per_saga": m.per_saga(m.commits),
+        "cpu_ms_per_saga": {
+            "postgres": cpu.get("postgres", 0.0),
+            "rabbitmq": cpu.get("rabbitmq", 0.0),
+            "own": own,
+            "total": 1000 * _cpu_per_saga(s),
+            "by_process": {k: v for k, v in cpu.items() if k not in ("postgres", "rabbitmq")},
+        },
+        "concurrency": report.options.concurrency,
+    }
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value

@@ -14,7 +14,7 @@ from outbox_relay import bench
 from sagabox import logs
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.plot import plot
-from sagabox.benchmarks.report import render, render_rounds
+from sagabox.benchmarks.report import render, render_rounds, to_json
 from sagabox.benchmarks.run import PEERS, SAGA_PEERS, Options
 from sagabox.benchmarks.run import run as run_saga
 from sagabox.settings import Env, amqp_url, database_url, libpq_url
@@ -178,7 +178,7 @@ def handle_saga(args: argparse.Namespace) -> int:
     if len(rounds) > 1:
         print(render_rounds(rounds))
     if args.json:
-        args.json.write_text(json.dumps([s.to_json() for s in report.systems]))
+        args.json.write_text(json.dumps(to_json(rounds), allow_nan=False))
     if args.plot:
         plot(report, args.plot)
         print(f"plot: {args.plot}")

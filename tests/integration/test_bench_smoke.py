@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from typing import Any
 
 import pytest
 
-from sagabox.benchmarks.report import render
+from sagabox.benchmarks.report import render, to_json
 from sagabox.benchmarks.run import Options, run
 from tests import servers
 
@@ -69,6 +70,15 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(
         # them, never zero).
         assert 0 < speed.roundtrip_cpu_us < speed.roundtrip_us * 10, text
     assert text.splitlines()[-1].startswith("machine: a fixed Python workload "), text
+    # --json: the same figures, strict JSON.
+    (round_,) = json.loads(json.dumps(to_json([report]), allow_nan=False))["rounds"]
+    (written,) = round_["systems"]
+    assert written["main"]["run"]["latencies_ms"] == main.run.latencies_ms
+    assert written["summary"]["sagas_per_second"] == pytest.approx(main.run.rate)
+    assert written["summary"]["cpu_ms_per_saga"]["by_process"].keys() == mine.keys()
+    assert [m["roundtrip_us"] for m in round_["machine"]] == [
+        m.roundtrip_us for m in report.machine
+    ]
 
 
 def test_with_two_replicas_of_each_process_the_check_still_holds(services: None) -> None:

@@ -432,6 +432,26 @@ def test_rows_that_were_each_announced_are_claimed_with_no_empty_claim(
     assert empty <= 2, f"{empty} of {claims} claims found nothing"
 
 
+def test_the_listening_session_reports_its_transactions_while_idle(
+    db_url: str, amqp_url: str
+) -> None:
+    # As the waiter's (test_waiting.py): every NOTIFY in the database, on any channel,
+    # costs each LISTEN session a transaction, which PostgreSQL reports only after that
+    # session runs a statement. No claims here: the NOTIFYs are for another channel and
+    # polling is 20 s away.
+    config = relay_config([db_url], amqp_url, idle_poll_interval=20.0)
+    with running_relay(config) as relay:
+        wait_quiet(relay, quiet=1.5)
+        before, claims = servers.commits(db_url), relay.counters.claims
+        servers.notify_elsewhere(db_url, 200)
+        wait_until(
+            lambda: servers.commits(db_url) - before >= 350,
+            5,
+            "the listener's ~200 commits to be reported next to the sender's 200",
+        )
+        assert relay.counters.claims == claims
+
+
 def test_rows_a_debouncing_writer_did_not_announce_are_found_by_polling(
     db_url: str, amqp_url: str
 ) -> None:

@@ -20,6 +20,7 @@ from orchestrator import (
     WaitTimeoutError,
 )
 from outbox_relay.table import NOTIFY_CHANNEL, OutboxWriter
+from tests import servers
 from tests.sagas import ORDER
 from tests.support import DATA, reply
 
@@ -162,3 +163,19 @@ def test_an_orchestrator_told_not_to_notify_leaves_waiters_to_their_timeout(
     thread.join(5)
     assert isinstance(box[1], WaitTimeoutError)
     assert waiter.wait(saga_id, timeout=1) == "compensated"  # a new wait reads it
+
+
+def test_the_listening_session_reports_its_transactions_while_idle(
+    waiter: SagaWaiter, db_url: str
+) -> None:
+    # Each notification a LISTEN session reads is a transaction of that session, and
+    # PostgreSQL reports a session's commits to pg_stat_database only after it runs a
+    # statement: a listener that never ran one hid them until it disconnected.
+    time.sleep(1.5)  # past the waiter's start, whose statements are reported by now
+    before = servers.commits(db_url)
+    servers.notify_elsewhere(db_url, 200)
+    deadline = time.monotonic() + 5
+    while servers.commits(db_url) - before < 350 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # 200 by the sender; about 200 more by the waiter's listener, reported within ~1 s.
+    assert servers.commits(db_url) - before >= 350

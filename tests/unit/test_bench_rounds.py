@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from sagabox.benchmarks.calibrate import Calibration
 from sagabox.benchmarks.drive import Run
-from sagabox.benchmarks.report import render, render_rounds
+from sagabox.benchmarks.report import render, render_rounds, to_json
 from sagabox.benchmarks.result import Measured, SystemResult
 from sagabox.benchmarks.run import Options, Report
 
@@ -49,3 +53,30 @@ def test_each_round_says_how_fast_the_machine_ran_before_and_after_it() -> None:
         " (100 us of CPU) before the run; 21.2, 99 (130) after: +25%, -10% (+30%)"
     )
     assert "machine" not in render(round_of(90, 60, 10))
+
+
+def test_the_json_holds_every_round_its_ratio_the_median_and_the_machine() -> None:
+    rounds = [round_of(90, 60, 10), round_of(60, 50, 12), round_of(100, 50, 9)]
+    rounds[0].machine = [Calibration(17.0, 110.0), Calibration(18.0, 120.0, 90.0)]
+    rounds[0].pgbench = {16: 3402.0}
+    # Strict JSON: the round trip's CPU that /proc could not tell (NaN) is null.
+    document = json.loads(json.dumps(to_json(rounds), allow_nan=False))
+    assert [r["ratio"] for r in document["rounds"]] == [1.5, 1.2, 2.0]
+    assert document["median_ratio"] == 1.5
+    first = document["rounds"][0]
+    assert first["machine"][0] == {
+        "python_us": 17.0,
+        "roundtrip_us": 110.0,
+        "roundtrip_cpu_us": None,
+    }
+    assert first["pgbench"] == {"16": 3402.0} and document["options"]["concurrency"] == 8
+    sagabox = first["systems"][0]
+    assert sagabox["name"] == "sagabox" and sagabox["main"]["run"]["latencies_ms"] == [10.0]
+    assert sagabox["summary"]["sagas_per_second"] == 90.0
+    assert sagabox["summary"]["cpu_ms_per_saga"]["total"] == pytest.approx(10.0)
+    assert sagabox["summary"]["cpu_ms_per_saga"]["by_process"] == {"sagabox": pytest.approx(10.0)}
+
+
+def test_the_json_of_a_run_without_peers_has_no_ratio() -> None:
+    document = to_json([Report(Options(), [system("sagabox", 80, 10)])])
+    assert document["rounds"][0]["ratio"] is None and document["median_ratio"] is None
