@@ -344,7 +344,7 @@ def transitions(
 SETTLED_CHANNEL = "sagabox_saga_settled"
 # What a waiter's LISTEN session runs about once a second: a session that only reads
 # notifications (a transaction each) reports none of them to pg_stat_database until
-# it runs a statement, and a dead connection would go unnoticed until TCP gives up
+# it runs a statement, and cannot learn that its server lost the connection
 # (outbox_relay.store.check_listening says more).
 LISTEN_CHECK = "SELECT 1"
 # What a waiter reads: the first time, and after missing notifications.

@@ -203,9 +203,10 @@ async def check_listening(conn: AsyncConn) -> None:
     PostgreSQL (15 and later) reads each notification in a transaction of the listening
     session, and a session reports its statistics only when it goes idle after a
     statement: one that only listens keeps its commits out of ``pg_stat_database``
-    until it disconnects (a relay's ran to about one per saga message). The statement
-    also fails on a dead connection, so the listener reconnects and catches up instead
-    of waiting for TCP to give up. psycopg keeps the notifications that arrive meanwhile.
+    until it disconnects (a relay's ran to about one per saga message). And a session
+    that never sends cannot learn that its server lost the connection: the statement
+    is answered by a reset (or times out), and the listener reconnects and catches up.
+    psycopg (3.2.4 and later) keeps the notifications that arrive meanwhile.
     """
     await conn.execute(BEAT)
 
