@@ -80,3 +80,21 @@ def test_the_json_holds_every_round_its_ratio_the_median_and_the_machine() -> No
 def test_the_json_of_a_run_without_peers_has_no_ratio() -> None:
     document = to_json([Report(Options(), [system("sagabox", 80, 10)])])
     assert document["rounds"][0]["ratio"] is None and document["median_ratio"] is None
+
+
+def test_with_a_sweep_each_system_is_also_compared_at_its_best_concurrency() -> None:
+    report = round_of(180, 65, 40)
+    report.options = Options(concurrency=16, sweep=(1, 4, 64))
+    sagabox, dbos, temporal = report.systems
+    sagabox.sweep = {1: Run(50, 1.0, [20.0]), 4: Run(97, 1.0, [40.0]), 64: Run(210, 1.0, [300.0])}
+    dbos.sweep = {1: Run(56, 1.0, [18.0]), 4: Run(165, 2.0, [48.0]), 64: Run(44, 1.0, [900.0])}
+    temporal.sweep = {4: Run(35, 1.0, [100.0])}
+    text = render(report)
+    assert "sagabox / fastest peer (dbos): 2.77x sagas/s" in text
+    assert (
+        "best against best, over every concurrency run: sagabox 210.0 at 64 / dbos 82.5 at 4"
+        " = 2.55x"
+    ) in text
+    assert to_json([report])["rounds"][0]["best_ratio"] == pytest.approx(210 / 82.5)
+    # Without a sweep there is nothing more to say.
+    assert "best against best" not in render(round_of(180, 65, 40))
