@@ -95,14 +95,20 @@ def _check(s: SystemResult) -> str:
 
 
 def _open(report: Report) -> list[str]:
-    opened = [(s.name, s.open) for s in report.systems if s.open is not None]
+    opened = [(s, s.open) for s in report.systems if s.open is not None]
     if not opened:
         return []
-    lines = ["", f"open loop: {report.options.rate:g} arrivals/s (latency from each arrival)"]
-    for name, run in opened:
+    lines = [
+        "",
+        f"open loop: {report.options.rate:g} arrivals/s (latency from each arrival;"
+        " the rate as a share of the system's highest closed-loop sagas/s)",
+    ]
+    for s, run in opened:
+        top = max([s.main.run.rate, *(r.rate for r in s.sweep.values())])
+        share = f"{100 * report.options.rate / top:4.0f}% of {top:.1f}" if top > 0 else ""
         lines.append(
-            f"  {name:<16}{run.rate:>7.1f} sagas/s  p50 {run.percentile(0.5):7.1f}  "
-            f"p95 {run.percentile(0.95):7.1f}  p99 {run.percentile(0.99):7.1f} ms"
+            f"  {s.name:<16}{run.rate:>7.1f} sagas/s  p50 {run.percentile(0.5):7.1f}  "
+            f"p95 {run.percentile(0.95):7.1f}  p99 {run.percentile(0.99):7.1f} ms  {share}"
         )
     return lines
 

@@ -98,3 +98,17 @@ def test_with_a_sweep_each_system_is_also_compared_at_its_best_concurrency() -> 
     assert to_json([report])["rounds"][0]["best_ratio"] == pytest.approx(210 / 82.5)
     # Without a sweep there is nothing more to say.
     assert "best against best" not in render(round_of(180, 65, 40))
+
+
+def test_the_open_loop_says_its_rate_as_a_share_of_each_systems_best_closed_loop() -> None:
+    report = round_of(180, 65, 40)
+    report.options = Options(rate=90.0)
+    sagabox, dbos, _ = report.systems
+    sagabox.open = Run(100, 100 / 89.5, [20.0] * 98 + [80.0, 95.0])
+    sagabox.sweep = {64: Run(200, 1.0, [300.0])}
+    dbos.open = Run(100, 100 / 36.8, [9000.0])
+    lines = render(report).splitlines()
+    ours = next(line for line in lines if line.startswith("  sagabox "))
+    assert ours.split()[1] == "89.5" and ours.endswith("p99    95.0 ms    45% of 200.0")
+    peer = next(line for line in lines if line.startswith("  dbos "))
+    assert peer.endswith("138% of 65.0")
