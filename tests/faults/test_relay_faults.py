@@ -261,6 +261,46 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
     assert set(message_ids(amqp_url)) == {message_id for message_id, *_ in rows}
 
 
+@pytest.mark.skipif(not faults.iptables_available(), reason="iptables is not installed/usable")
+def test_a_listener_whose_connection_was_forgotten_notices_and_listens_again(
+    db_url: str, amqp_url: str
+) -> None:
+    """Something between the relay and PostgreSQL forgets their connections without a
+    word (a restarted NAT, a host that came back): what PostgreSQL sends is lost, what
+    the relay sends is answered by a reset. A listener that only waited would stay deaf
+    (polling is a minute away here, and the server does not know either); its
+    once-a-second statement meets the reset, and it connects and listens again."""
+    config = relay_config([db_url], amqp_url, idle_poll_interval=60.0, exclusive=False)
+    with running_relay(config):
+        time.sleep(1.0)  # connected and listening
+        with psycopg.connect(db_url) as conn:
+            ports = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT client_port FROM pg_stat_activity WHERE datname ="
+                    " current_database() AND application_name LIKE 'sagabox relay %'"
+                )
+            ]
+        assert ports and all(port > 0 for port in ports), ports
+        rules = []
+        for port in ports:
+            # What the relay sends meets a reset; what PostgreSQL sends is lost (the
+            # resets excepted, so that they reach the relay).
+            rules.append(f"INPUT -p tcp -i lo --sport {port} -j REJECT --reject-with tcp-reset")
+            rules.append(f"INPUT -p tcp -i lo --dport {port} ! --tcp-flags RST RST -j DROP")
+        for rule in rules:
+            faults.block(rule.split())
+        try:
+            time.sleep(3.0)  # past the listener's next statement and its reconnection
+            rows = make_rows(5)
+            write_rows(db_url, rows)  # announced with a NOTIFY
+            wait_until(lambda: published(amqp_url) == 5, 10, "the announced rows to go out")
+        finally:
+            for rule in rules:
+                faults.unblock(rule.split())
+    assert set(message_ids(amqp_url)) == {message_id for message_id, *_ in rows}
+
+
 def test_a_frozen_leader_is_helped_by_the_standby_and_its_claimed_rows_freed(
     db_url: str, amqp_url: str, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from orchestrator import (
     WaitTimeoutError,
 )
 from outbox_relay.table import NOTIFY_CHANNEL, OutboxWriter
+from sagabox import faults
 from tests import servers
 from tests.sagas import ORDER
 from tests.support import DATA, reply
@@ -118,6 +119,42 @@ def test_a_saga_settled_while_the_listener_was_cut_off_is_still_reported(
     thread = box[0]
     assert isinstance(thread, threading.Thread)
     thread.join(5)
+    assert box[1:] == ["compensated"]
+    assert waiter.backend_pids[1] != listener
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(not faults.iptables_available(), reason="iptables is not installed/usable")
+def test_a_listener_whose_connection_was_forgotten_notices_and_listens_again(
+    orch: Orchestrator, waiter: SagaWaiter
+) -> None:
+    # Something between the waiter and PostgreSQL forgets the listening connection
+    # without a word: what PostgreSQL sends is lost (the NOTIFY), what the waiter
+    # sends meets a reset. Waiting silently, it would sleep through the settling.
+    saga_id = orch.start("order", DATA)
+    box = wait_in_thread(waiter, saga_id)
+    time.sleep(0.3)
+    listener = waiter.backend_pids[1]
+    with psycopg.connect(servers.PG_ADMIN_URL) as admin:
+        row = admin.execute(
+            "SELECT client_port FROM pg_stat_activity WHERE pid = %s", [listener]
+        ).fetchone()
+    assert row is not None and row[0] > 0, "the listener is not on TCP"
+    rules = [
+        f"INPUT -p tcp -i lo --sport {row[0]} -j REJECT --reject-with tcp-reset".split(),
+        f"INPUT -p tcp -i lo --dport {row[0]} ! --tcp-flags RST RST -j DROP".split(),
+    ]
+    for rule in rules:
+        faults.block(rule)
+    try:
+        time.sleep(3.0)  # past the listener's next statement and its reconnection
+        declined(orch, saga_id)
+        thread = box[0]
+        assert isinstance(thread, threading.Thread)
+        thread.join(5)
+    finally:
+        for rule in rules:
+            faults.unblock(rule)
     assert box[1:] == ["compensated"]
     assert waiter.backend_pids[1] != listener
 
