@@ -33,6 +33,9 @@ from orchestrator.store import LISTEN_CHECK, SAGA_STATUSES, SETTLED_CHANNEL
 
 log = structlog.get_logger(__name__)
 
+# Seconds between the listening connection's statements (orchestrator.store.LISTEN_CHECK).
+LISTEN_CHECK_INTERVAL = 1.0
+
 
 @dataclass
 class _Wait:
@@ -147,7 +150,7 @@ class SagaWaiter:
                             for pair in notify.payload.split(","):
                                 saga_id, _, status = pair.partition(":")
                                 self._settle(saga_id, status)
-                        if time.monotonic() - checked >= 1.0:
+                        if time.monotonic() - checked >= LISTEN_CHECK_INTERVAL:
                             conn.execute(LISTEN_CHECK)
                             checked = time.monotonic()
             except (psycopg.Error, StoreError) as e:

@@ -54,6 +54,13 @@ def wait_in_thread(waiter: SagaWaiter, saga_id: str, timeout: float = 10) -> lis
     return box
 
 
+def joined(box: list[object], timeout: float = 5) -> None:
+    """Until the thread of ``wait_in_thread`` ends (what it got is then in ``box[1:]``)."""
+    thread = box[0]
+    assert isinstance(thread, threading.Thread)
+    thread.join(timeout)
+
+
 def test_a_waiter_wakes_when_the_saga_settles_without_reading_again(
     orch: Orchestrator, waiter: SagaWaiter
 ) -> None:
@@ -63,9 +70,7 @@ def test_a_waiter_wakes_when_the_saga_settles_without_reading_again(
     assert len(box) == 1, "returned before the saga settled"
     reads = waiter.reads
     declined(orch, saga_id)
-    thread = box[0]
-    assert isinstance(thread, threading.Thread)
-    thread.join(5)
+    joined(box)
     assert box[1:] == ["compensated"]
     assert waiter.reads == reads, "woken by a poll, not by the notification"
 
@@ -86,9 +91,7 @@ def test_every_saga_settled_in_one_batch_wakes_its_waiters(
     time.sleep(0.3)
     orch.handle_replies([reply(i, "reserve", "failed", reason="no") for i in ids])
     for box in boxes:
-        thread = box[0]
-        assert isinstance(thread, threading.Thread)
-        thread.join(5)
+        joined(box)
         assert box[1:] == ["compensated"]
 
 
@@ -116,9 +119,7 @@ def test_a_saga_settled_while_the_listener_was_cut_off_is_still_reported(
         # Settle the saga while the listening connection is gone: its NOTIFY is lost.
         admin.execute("SELECT pg_terminate_backend(%s)", [listener])
         declined(orch, saga_id)
-    thread = box[0]
-    assert isinstance(thread, threading.Thread)
-    thread.join(5)
+    joined(box)
     assert box[1:] == ["compensated"]
     assert waiter.backend_pids[1] != listener
 
@@ -149,9 +150,7 @@ def test_a_listener_whose_connection_was_forgotten_notices_and_listens_again(
     try:
         time.sleep(3.0)  # past the listener's next statement and its reconnection
         declined(orch, saga_id)
-        thread = box[0]
-        assert isinstance(thread, threading.Thread)
-        thread.join(5)
+        joined(box)
     finally:
         for rule in rules:
             faults.unblock(rule)
@@ -179,9 +178,7 @@ def test_a_batch_that_settles_one_saga_and_sends_anothers_command_notifies_both(
             ]
         )
         outbox_notified = [n.payload for n in listener.notifies(timeout=0.5, stop_after=1)]
-    thread = box[0]
-    assert isinstance(thread, threading.Thread)
-    thread.join(5)
+    joined(box)
     assert box[1:] == ["compensated"]
     assert orch.get(moving).state.steps["charge"].status.value == "active"
     assert outbox_notified == ([] if busy else [""])
@@ -195,9 +192,7 @@ def test_an_orchestrator_told_not_to_notify_leaves_waiters_to_their_timeout(
     box = wait_in_thread(waiter, saga_id, timeout=1.0)
     time.sleep(0.3)
     declined(quiet, saga_id)
-    thread = box[0]
-    assert isinstance(thread, threading.Thread)
-    thread.join(5)
+    joined(box)
     assert isinstance(box[1], WaitTimeoutError)
     assert waiter.wait(saga_id, timeout=1) == "compensated"  # a new wait reads it
 
