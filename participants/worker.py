@@ -112,7 +112,9 @@ class Binding:
 
         Handlers run without a savepoint first; one that refuses (BusinessFailure) needs
         one to keep its inbox row and 'failed' reply while its effects are undone, so the
-        transaction is rolled back and redone with a savepoint for that envelope only.
+        transaction is rolled back and redone, with a savepoint for that envelope and
+        every one after it: refusals come with the workload (declined payments), and a
+        redo per refusal would run a batch's first handlers again and again.
         ``contexts``: the log context of each envelope, bound while it is handled.
         """
         savepoints: set[int] = set()
@@ -137,7 +139,7 @@ class Binding:
                 return
             except SavepointNeeded:
                 self.writer.rolled_back()
-                savepoints.add(index)
+                savepoints.update(range(index, len(envelopes)))
             except BaseException:
                 self.writer.rolled_back()
                 raise

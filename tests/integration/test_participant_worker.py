@@ -34,11 +34,14 @@ QUEUE = "flaky"
 flaky = Participant(QUEUE)
 boom_calls: list[str] = []
 boom_lock = threading.Lock()
+ok_calls: list[str] = []
 
 
 @flaky.command("flaky_ok")
 def ok(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
     structlog.get_logger().info("handler_ran")
+    with boom_lock:
+        ok_calls.append(ctx.message_id)
     return {"ok": True}
 
 
@@ -383,6 +386,31 @@ def test_a_refusal_in_a_batch_keeps_the_others_and_undoes_only_its_effects(
     assert sorted(r[1] for r in rows) == ["failed", "succeeded", "succeeded"]
     assert len({r[2] for r in rows}) == 1, "the refusal split the batch"
     assert dead_letters(amqp_url) == 0
+
+
+def test_refusals_in_a_batch_run_its_handlers_at_most_twice(
+    batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
+) -> None:
+    # Declined payments under load: a redo per refusal would run the first commands of
+    # the batch once per refusal (here 4 times), the batch's work growing with its size.
+    marker = str(uuid.uuid4())
+    commands = [
+        command("flaky_refuse", {"marker": marker}) if i in (1, 5, 9) else command("flaky_ok")
+        for i in range(12)
+    ]
+    for cmd in commands:
+        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+    ids = [c.correlation_id for c in commands]
+    ok_calls.clear()
+    run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+    assert len({r[2] for r in inbox_rows(engine, ids)}) == 1, "not one batch"
+    assert [replies(engine, i)[0].type for i in ids] == [
+        "failed" if c.type == "flaky_refuse" else "succeeded" for c in commands
+    ]
+    assert replies(engine, marker) == [], "a refused handler's effect stayed"
+    runs = {c.message_id: ok_calls.count(c.message_id) for c in commands if c.type == "flaky_ok"}
+    assert max(runs.values()) <= 2, runs
+    assert sum(runs.values()) == 9 + 1  # the first attempt stopped at the first refusal
 
 
 def test_a_technical_failure_in_a_batch_fails_only_that_message(
