@@ -40,9 +40,17 @@ NAMES = ("orchestrator", *SERVICES)
 STATS_SETTLE = 11.0
 
 
+# Seconds between checks that sagabox's processes live, while a saga is waited for.
+# Each check is a new SagaWaiter.wait, which reads the saga's status first: checked
+# every half second, sagas slower than that (at concurrency 64 most of them) cost the
+# orchestrator's database a read, a commit and a round trip each time, and the run's
+# figures with it.
+LIVENESS_INTERVAL = 5.0
+
+
 class _Waiter:
     """Waits for a saga to settle (orchestrator.waiting.SagaWaiter, woken by the
-    orchestrator's NOTIFY), checking every half second that sagabox's processes live."""
+    orchestrator's NOTIFY), checking every LIVENESS_INTERVAL that sagabox's processes live."""
 
     def __init__(self, waiter: SagaWaiter, dead: Callable[[], object]) -> None:
         self.waiter = waiter
@@ -52,7 +60,7 @@ class _Waiter:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self.waiter.wait(saga_id, 0.5)
+                return self.waiter.wait(saga_id, LIVENESS_INTERVAL)
             except WaitTimeoutError:
                 if dead := self.dead():
                     raise BenchError(f"sagabox processes died: {dead}") from None
