@@ -28,6 +28,11 @@ from sagabox.benchmarks.peers import business, harness
 
 Results = dict[str, dict[str, Any]]
 
+# Seconds a saga may wait for a pooled connection (SQLAlchemy's default: 30). In an open
+# loop faster than DBOS, arrivals queue for the pools longer than that, and a timeout
+# there ended the whole run instead of showing DBOS falling behind.
+POOL_TIMEOUT = 600
+
 
 class DbosPeer:
     name = "dbos"
@@ -38,11 +43,13 @@ class DbosPeer:
             "name": "sagabox-bench",
             "system_database_url": sys_url,
             "sys_db_pool_size": pool,
+            "db_engine_kwargs": {"pool_timeout": POOL_TIMEOUT},
             "log_level": "WARNING",
         }
         DBOS(config=config)
         self.ds = SQLAlchemyDatasource.create(
-            app_url, engine_kwargs={"pool_size": pool, "max_overflow": 0}
+            app_url,
+            engine_kwargs={"pool_size": pool, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT},
         )
         ds = self.ds
 
