@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 RunOne = Callable[[int], tuple[str, str]]
 
+# Seconds one saga may take, from its call to its end, in any system. An open loop
+# faster than the system queues arrivals for minutes (1,500 at 90/s on a system doing
+# 15/s: the last waits about 80 s); that must show as latency, not end the run.
+SAGA_TIMEOUT = 600.0
+
 
 @dataclass
 class Run:

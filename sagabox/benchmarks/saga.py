@@ -27,7 +27,7 @@ from outbox_relay import vhosts
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from participants.examples.sagas import registry
 from sagabox.benchmarks import cpu, store, workload
-from sagabox.benchmarks.drive import Run, closed_loop, open_loop
+from sagabox.benchmarks.drive import SAGA_TIMEOUT, Run, closed_loop, open_loop
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.result import Measured, Retention, SystemResult, unexpected
 from sagabox.settings.participant import ParticipantSettings
@@ -105,7 +105,7 @@ class SagaboxBench:
     threads: int = 4
     # place_order v1 (orchestrated) or v3 (the same steps on a routing slip).
     version: int = 3
-    timeout: float = 60.0
+    timeout: float = SAGA_TIMEOUT
     keep: bool = False
     settle: float = STATS_SETTLE
     say: Callable[[str], None] = print

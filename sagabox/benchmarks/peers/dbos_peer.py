@@ -24,6 +24,7 @@ from dbos import DBOS, DBOSConfig, SetWorkflowID, SQLAlchemyDatasource
 
 from orchestrator.store import make_engine
 from sagabox.benchmarks import store, workload
+from sagabox.benchmarks.drive import SAGA_TIMEOUT
 from sagabox.benchmarks.peers import business, harness
 
 Results = dict[str, dict[str, Any]]
@@ -31,7 +32,7 @@ Results = dict[str, dict[str, Any]]
 # Seconds a saga may wait for a pooled connection (SQLAlchemy's default: 30). In an open
 # loop faster than DBOS, arrivals queue for the pools longer than that, and a timeout
 # there ended the whole run instead of showing DBOS falling behind.
-POOL_TIMEOUT = 600
+POOL_TIMEOUT = SAGA_TIMEOUT
 
 
 class DbosPeer:

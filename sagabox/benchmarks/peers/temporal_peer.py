@@ -41,6 +41,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from orchestrator.store import make_engine
 from sagabox.benchmarks import store, workload
+from sagabox.benchmarks.drive import SAGA_TIMEOUT
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.peers import business, harness
 
@@ -132,8 +133,8 @@ class TemporalPeer:
             f"{threads} activity threads"
         )
 
-    def _await(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+    def _await(self, coroutine: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def run_one(self, index: int) -> tuple[str, str]:
         saga_id = str(uuid.uuid4())
@@ -143,7 +144,8 @@ class TemporalPeer:
                 args=[saga_id, workload.order(index), self.local],
                 id=saga_id,
                 task_queue=QUEUE,
-            )
+            ),
+            SAGA_TIMEOUT,
         )
         return saga_id, str(status)
 
