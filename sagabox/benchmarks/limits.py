@@ -69,6 +69,21 @@ class PgbenchResult:
     tps: float
 
 
+def free_connections(admin_url: str) -> int:
+    """How many more client connections the server takes now (max_connections less the
+    reserved ones and every session open)."""
+    with psycopg.connect(admin_url) as conn:
+        row = conn.execute(FREE_CONNECTIONS).fetchone()
+    return int(row[0]) if row else 0
+
+
+FREE_CONNECTIONS = (
+    "SELECT current_setting('max_connections')::int"
+    " - current_setting('superuser_reserved_connections')::int"
+    " - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+)
+
+
 def pgbench(admin_url: str, clients: int, seconds: float, database: str) -> PgbenchResult:
     """Transactions/s of one saga transition on a scratch database at ``clients``."""
     binary = pgbench_path()

@@ -129,6 +129,12 @@ def run(options: Options, say: Callable[[str], None]) -> Report:
             report.systems.append(_peer("temporal_peer", options, say, "--local"))
         elif peer == "pgbench":
             for clients in sorted({options.concurrency, *options.sweep}):
+                # pgbench's own connection to set up its database counts too.
+                if clients > (free := limits.free_connections(options.admin_url) - 1):
+                    why = f"pgbench at {clients} clients skipped: the server takes {free} more"
+                    report.notes.append(why)
+                    say(why)
+                    continue
                 say(f"pgbench: saga transition at {clients} client(s)")
                 result = limits.pgbench(
                     options.admin_url, clients, options.pgbench_seconds, "sagabox_bench_pgbench"

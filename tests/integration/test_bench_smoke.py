@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sagabox.benchmarks import limits
 from sagabox.benchmarks.report import render, to_json
 from sagabox.benchmarks.run import Options, run
 from tests import servers
@@ -20,16 +21,16 @@ pytestmark = pytest.mark.integration
 
 def small(**overrides: Any) -> Options:
     """20 sagas at concurrency 4, no peers, on databases of this test's own."""
-    return Options(
-        count=20,
-        concurrency=4,
-        warmup=2,
-        peers=(),
-        admin_url=servers.PG_ADMIN_URL,
-        settle=1.0,
-        prefix=f"sagabox_test_bench_{uuid.uuid4().hex[:8]}",
-        **overrides,
-    )
+    options: dict[str, Any] = {
+        "count": 20,
+        "concurrency": 4,
+        "warmup": 2,
+        "peers": (),
+        "admin_url": servers.PG_ADMIN_URL,
+        "settle": 1.0,
+        "prefix": f"sagabox_test_bench_{uuid.uuid4().hex[:8]}",
+    }
+    return Options(**(options | overrides))
 
 
 # Messages per saga: v1 sends 4 commands and gets 4 replies (6 in all when the payment
@@ -100,3 +101,18 @@ def test_with_two_replicas_of_each_process_the_check_still_holds(services: None)
     )
     assert rows[table + 2].split()[-3:] == ["ok", "1.00x", "1.00x"], text
     assert rows[table + 3].split()[:1] == ["2"] and "ok" in rows[table + 3].split(), text
+
+
+def test_pgbench_runs_at_each_concurrency_the_server_takes_and_skips_the_rest(
+    services: None,
+) -> None:
+    # A sweep past max_connections (100 by default) once ended the whole run.
+    too_many = limits.free_connections(servers.PG_ADMIN_URL) + 10
+    report = run(
+        small(peers=("pgbench",), pgbench_seconds=1.0, sweep=(too_many,), sweep_count=4),
+        say=lambda _: None,
+    )
+    text = render(report)
+    assert report.ok, text
+    assert list(report.pgbench) == [4] and report.pgbench[4] > 0, text
+    assert any(f"pgbench at {too_many} clients skipped" in note for note in report.notes), text
