@@ -33,21 +33,21 @@ pytestmark = pytest.mark.integration
 QUEUE = "flaky"
 flaky = Participant(QUEUE)
 boom_calls: list[str] = []
-boom_lock = threading.Lock()
+calls_lock = threading.Lock()
 ok_calls: list[str] = []
 
 
 @flaky.command("flaky_ok")
 def ok(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
     structlog.get_logger().info("handler_ran")
-    with boom_lock:
+    with calls_lock:
         ok_calls.append(ctx.message_id)
     return {"ok": True}
 
 
 @flaky.command("flaky_boom")
 def boom(session: Session, payload: Payload, ctx: Context) -> None:
-    with boom_lock:
+    with calls_lock:
         boom_calls.append(ctx.message_id)
     raise RuntimeError("the database is on fire")
 
