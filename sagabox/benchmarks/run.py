@@ -82,6 +82,23 @@ def missing(peer: str) -> str | None:
     return None
 
 
+def database_limit(options: Options, report: Report, say: Callable[[str], None]) -> None:
+    """pgbench's saga transition at the run's concurrency and at each one swept, but for
+    those the server has no connections for (a note says so)."""
+    for clients in sorted({options.concurrency, *options.sweep}):
+        # pgbench's own connection to set up its database counts too.
+        if clients > (free := limits.free_connections(options.admin_url) - 1):
+            why = f"pgbench at {clients} clients skipped: the server takes {free} more"
+            report.notes.append(why)
+            say(why)
+            continue
+        say(f"pgbench: saga transition at {clients} client(s)")
+        result = limits.pgbench(
+            options.admin_url, clients, options.pgbench_seconds, "sagabox_bench_pgbench"
+        )
+        report.pgbench[clients] = result.tps
+
+
 def run(options: Options, say: Callable[[str], None]) -> Report:
     report = Report(options)
     report.machine.append(calibrate.measure(options.admin_url))
@@ -128,18 +145,7 @@ def run(options: Options, say: Callable[[str], None]) -> Report:
             report.systems.append(_peer("temporal_peer", options, say))
             report.systems.append(_peer("temporal_peer", options, say, "--local"))
         elif peer == "pgbench":
-            for clients in sorted({options.concurrency, *options.sweep}):
-                # pgbench's own connection to set up its database counts too.
-                if clients > (free := limits.free_connections(options.admin_url) - 1):
-                    why = f"pgbench at {clients} clients skipped: the server takes {free} more"
-                    report.notes.append(why)
-                    say(why)
-                    continue
-                say(f"pgbench: saga transition at {clients} client(s)")
-                result = limits.pgbench(
-                    options.admin_url, clients, options.pgbench_seconds, "sagabox_bench_pgbench"
-                )
-                report.pgbench[clients] = result.tps
+            database_limit(options, report, say)
         elif peer == "pika":
             say(f"pika: {options.pika_messages} messages, pipelined confirms")
             report.pika = limits.pika_rate(options.pika_messages)
