@@ -40,6 +40,8 @@ def declined(orch: Orchestrator, saga_id: str) -> None:
 
 
 def wait_in_thread(waiter: SagaWaiter, saga_id: str, timeout: float = 10) -> list[object]:
+    """A thread waiting for the saga, given 0.3 s to read its status and block: ``box[0]``
+    is the thread, what the wait got goes to ``box[1:]``."""
     box: list[object] = []
 
     def run() -> None:
@@ -49,8 +51,9 @@ def wait_in_thread(waiter: SagaWaiter, saga_id: str, timeout: float = 10) -> lis
             box.append(e)
 
     thread = threading.Thread(target=run)
+    box.append(thread)  # before start: a wait that returns at once comes after it
     thread.start()
-    box.append(thread)
+    time.sleep(0.3)
     return box
 
 
@@ -66,7 +69,6 @@ def test_a_waiter_wakes_when_the_saga_settles_without_reading_again(
 ) -> None:
     saga_id = orch.start("order", DATA)
     box = wait_in_thread(waiter, saga_id)
-    time.sleep(0.3)
     assert len(box) == 1, "returned before the saga settled"
     reads = waiter.reads
     declined(orch, saga_id)
@@ -88,7 +90,6 @@ def test_every_saga_settled_in_one_batch_wakes_its_waiters(
 ) -> None:
     ids = [orch.start("order", DATA) for _ in range(5)]
     boxes = [wait_in_thread(waiter, saga_id) for saga_id in ids]
-    time.sleep(0.3)
     orch.handle_replies([reply(i, "reserve", "failed", reason="no") for i in ids])
     for box in boxes:
         joined(box)
@@ -113,7 +114,6 @@ def test_a_saga_settled_while_the_listener_was_cut_off_is_still_reported(
 ) -> None:
     saga_id = orch.start("order", DATA)
     box = wait_in_thread(waiter, saga_id)
-    time.sleep(0.3)
     listener = waiter.backend_pids[1]
     with psycopg.connect(db_url, autocommit=True) as admin:
         # Settle the saga while the listening connection is gone: its NOTIFY is lost.
@@ -134,7 +134,6 @@ def test_a_listener_whose_connection_was_forgotten_notices_and_listens_again(
     # sends meets a reset. Waiting silently, it would sleep through the settling.
     saga_id = orch.start("order", DATA)
     box = wait_in_thread(waiter, saga_id)
-    time.sleep(0.3)
     listener = waiter.backend_pids[1]
     with psycopg.connect(servers.PG_ADMIN_URL) as admin:
         row = admin.execute(
@@ -168,7 +167,6 @@ def test_a_batch_that_settles_one_saga_and_sends_anothers_command_notifies_both(
     orch = Orchestrator(engine, Registry([ORDER]), outbox=writer)
     settling, moving = orch.start("order", DATA), orch.start("order", DATA)
     box = wait_in_thread(waiter, settling)
-    time.sleep(0.3)
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         orch.handle_replies(
@@ -190,7 +188,6 @@ def test_an_orchestrator_told_not_to_notify_leaves_waiters_to_their_timeout(
     quiet = Orchestrator(engine, Registry([ORDER]), notify_settled=False)
     saga_id = quiet.start("order", DATA)
     box = wait_in_thread(waiter, saga_id, timeout=1.0)
-    time.sleep(0.3)
     declined(quiet, saga_id)
     joined(box)
     assert isinstance(box[1], WaitTimeoutError)
