@@ -28,8 +28,9 @@ class Tail:
     """Statements of one transaction held back to ride with the next one, or with COMMIT.
 
     ``defer`` a statement whose result is not read; ``flush`` before any statement whose
-    result depends on it (the participant SDK flushes before each of its own); ``commit``
-    instead of the connection's commit.
+    result depends on it (the participant SDK flushes before each of its own), or run
+    that statement with them through ``first``; ``commit`` instead of the connection's
+    commit.
     """
 
     def __init__(self) -> None:
@@ -42,6 +43,25 @@ class Tail:
         pending, self._pending = self._pending, []
         for sql, params in pending:
             conn.exec_driver_sql(sql, params)
+
+    def first(self, conn: Connection, sql: str, params: Params) -> tuple[Any, ...] | None:
+        """Send what is held back, then ``sql``, in one round trip: ``sql``'s first row.
+
+        ``sql`` sees the held statements' effects, as after ``flush``; in a batch of
+        commands this is a wait fewer per command (the reply of one rides with the
+        inbox claim of the next).
+        """
+        if not self._pending:
+            row = conn.exec_driver_sql(sql, params).first()
+            return None if row is None else tuple(row)
+        raw = _driver(conn)
+        pending, self._pending = self._pending, []
+        with _translated(conn, sql, params):
+            with raw.pipeline():
+                for held, held_params in pending:
+                    raw.execute(held, held_params)
+                cursor = raw.execute(sql, params)
+            return cursor.fetchone()
 
     def commit(self, target: Connection | Session) -> None:
         """Send what is held back and COMMIT ``target``'s transaction, in one round trip."""

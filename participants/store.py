@@ -57,7 +57,7 @@ class PostgresInbox:
         status: Status = "done",
         reply: StoredReply | None = None,
     ) -> InboxEntry | None:
-        conn = self._connection()
+        conn = self.session.connection()
         params = {
             **_key_params(key),
             "message_id": message_id,
@@ -66,7 +66,12 @@ class PostgresInbox:
             "reply_payload": _dumps(reply.payload) if reply else None,
         }
         while True:
-            if conn.exec_driver_sql(_CLAIM, params).first() is not None:
+            # What the transaction held back goes with the claim: one wait, not two.
+            if self.tail is not None:
+                claimed = self.tail.first(conn, _CLAIM, params)
+            else:
+                claimed = conn.exec_driver_sql(_CLAIM, params).first()
+            if claimed is not None:
                 return None
             row = conn.exec_driver_sql(_LOCK, params).first()
             # None only if a purge deleted the row between the two statements: insert again.

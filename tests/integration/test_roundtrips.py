@@ -138,3 +138,48 @@ def test_a_connection_lost_before_commit_is_invalidated_not_pooled(engine: Engin
         tail.commit(conn)
     assert raised.value.connection_invalidated
     assert ids(engine) == []  # a new connection
+
+
+def test_first_sends_the_held_statements_with_its_query_in_one_round_trip(
+    engine: Engine,
+) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(INSERT, {"id": 1})  # as in a batch: the transaction began
+        tail = Tail()
+        tail.defer(INSERT, {"id": 2})
+        tail.defer(INSERT, {"id": 3})
+        raw = conn.connection.driver_connection
+        box: list[Any] = []
+        exchanged = protocol(
+            raw,  # type: ignore[arg-type]
+            lambda: box.append(tail.first(conn, "SELECT count(*), max(id) FROM things", {})),
+        )
+        assert box == [(3, 3)]  # the query saw what was held back
+        assert conn.in_transaction()
+        tail.defer(INSERT, {"id": 4})
+        tail.commit(conn)
+    sent = [m for m in exchanged if m.startswith("F ")]
+    first_answer = next(i for i, m in enumerate(exchanged) if m.startswith("B "))
+    assert all(m.startswith("F ") for m in exchanged[:first_answer])
+    assert sent.count("F Execute") == 3 and sent.count("F Sync") == 1
+    assert ids(engine) == [1, 2, 3, 4]
+
+
+def test_first_with_nothing_held_is_a_plain_query_and_none_without_rows(engine: Engine) -> None:
+    with engine.begin() as conn:
+        tail = Tail()
+        assert tail.first(conn, "SELECT id FROM things WHERE id = %(id)s", {"id": 5}) is None
+        conn.exec_driver_sql(INSERT, {"id": 5})
+        assert tail.first(conn, "SELECT id FROM things WHERE id = %(id)s", {"id": 5}) == (5,)
+
+
+def test_first_raises_a_held_statements_failure_and_nothing_stays(engine: Engine) -> None:
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.exec_driver_sql(INSERT, {"id": 1})
+        tail = Tail()
+        tail.defer(INSERT, {"id": 1})
+        tail.first(conn, "SELECT count(*) FROM things", {})
+    assert ids(engine) == []
+    with engine.begin() as conn:
+        conn.exec_driver_sql(INSERT, {"id": 4})
+    assert ids(engine) == [4]
