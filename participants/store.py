@@ -15,6 +15,7 @@ from datetime import timedelta
 from functools import cache
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -91,7 +92,7 @@ class PostgresInbox:
         # What is held back goes out before SAVEPOINT: sent later, from inside the
         # savepoint, a rollback to it would undo the step before.
         self._connection()
-        return self.session.begin_nested()
+        return _savepoint(self.session)
 
     def send(
         self,
@@ -142,6 +143,57 @@ def _record(i: int) -> str:
         f"UPDATE {_TABLE} SET reply_type = %(r{i}_type)s, reply_payload = %(r{i}_payload)s::jsonb "
         f"WHERE saga_id = %(r{i}_saga_id)s AND step = %(r{i}_step)s AND action = %(r{i}_action)s"
     )
+
+
+@contextmanager
+def keeping_prepared(conn: Connection) -> Iterator[None]:
+    """Statements run in this block leave psycopg's prepared statements alone.
+
+    psycopg forgets every prepared statement of a connection (DEALLOCATE ALL, and its
+    counts start again) after any statement whose command tag is ROLLBACK, in case the
+    transaction changed the schema. A handler's refusal changes none; forgetting them
+    made the payment service, whose declined payments roll back, plan nearly every
+    statement again (docs/benchmarks.md, "Latest").
+    """
+    driver = _driver(conn)
+    threshold = driver.prepare_threshold
+    driver.prepare_threshold = None  # psycopg neither prepares nor validates meanwhile
+    try:
+        yield
+    finally:
+        driver.prepare_threshold = threshold
+
+
+def rollback_keeping_prepared(session: Session) -> None:
+    """End ``session``'s transaction with a ROLLBACK that keeps the prepared statements.
+
+    The session's own rollback, which must still follow, then finds the connection idle
+    and sends nothing.
+    """
+    conn = session.connection()
+    with keeping_prepared(conn):
+        conn.exec_driver_sql("ROLLBACK")
+
+
+@contextmanager
+def _savepoint(session: Session) -> Iterator[None]:
+    """``session.begin_nested()``, its rollback keeping the prepared statements."""
+    driver = _driver(session.connection())
+    threshold = driver.prepare_threshold
+    try:
+        with session.begin_nested():
+            try:
+                yield
+            except BaseException:
+                driver.prepare_threshold = None  # for the ROLLBACK TO SAVEPOINT, next
+                raise
+    finally:
+        driver.prepare_threshold = threshold
+
+
+def _driver(conn: Connection) -> psycopg.Connection[Any]:
+    driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    return driver
 
 
 @contextmanager

@@ -42,7 +42,7 @@ from participants.handling import on_commit, resolve
 from participants.middleware import ParticipantMiddleware, parsed
 from participants.participant import Participant
 from participants.replies import reply_to, technical_failure
-from participants.store import PostgresInbox, purge_inbox
+from participants.store import PostgresInbox, purge_inbox, rollback_keeping_prepared
 
 log = structlog.get_logger(__name__)
 
@@ -124,15 +124,19 @@ class Binding:
                 with on_commit() as committed:
                     with Session(self.engine) as session, session.begin():
                         tail = Tail()
-                        for index, envelope in enumerate(envelopes):
-                            with bound_contextvars(**(contexts[index] if contexts else {})):
-                                self.participant.handle(
-                                    session,
-                                    envelope,
-                                    writer=self.writer,
-                                    optimistic=index not in savepoints,
-                                    tail=tail,
-                                )
+                        try:
+                            for index, envelope in enumerate(envelopes):
+                                with bound_contextvars(**(contexts[index] if contexts else {})):
+                                    self.participant.handle(
+                                        session,
+                                        envelope,
+                                        writer=self.writer,
+                                        optimistic=index not in savepoints,
+                                        tail=tail,
+                                    )
+                        except SavepointNeeded:
+                            rollback_keeping_prepared(session)
+                            raise
                         self.failpoints("participant.before_commit")
                         tail.commit(session)
                     committed()

@@ -413,6 +413,47 @@ def test_refusals_in_a_batch_run_its_handlers_at_most_twice(
     assert sum(runs.values()) == 9 + 1  # the first attempt stopped at the first refusal
 
 
+def test_a_refusal_leaves_the_connections_prepared_statements(
+    engine: Engine, db_url: str, amqp_url: str
+) -> None:
+    # psycopg forgets a connection's prepared statements after any ROLLBACK; a service
+    # whose commands refuse now and then (declined payments) planned nearly every
+    # statement again. The worker's one connection must keep them through a refusal.
+    one = create_engine(
+        db_url.replace("postgresql://", "postgresql+psycopg://"), pool_size=1, max_overflow=0
+    )
+    broker = ParticipantBroker(url=amqp_url)
+    flaky.bind(broker, one)
+    broker.declare_queue(QUEUE, ensure=True)
+
+    def prepared() -> set[str]:
+        with one.connect() as conn:
+            names = conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements")
+            statements = set(names.scalars())
+            conn.commit()  # a rollback, the pool's on return, would deallocate them itself
+            return statements
+
+    def handle(commands: list[Envelope]) -> None:
+        for cmd in commands:
+            publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+        ids = [c.correlation_id for c in commands]
+        run_batch(broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+
+    try:
+        handle([command("flaky_ok") for _ in range(8)])  # psycopg prepares from the 5th run
+        before = prepared()
+        assert any("command_inbox" in statement for statement in before), before
+        marker = str(uuid.uuid4())
+        refused = command("flaky_refuse", {"marker": marker})
+        handle([command("flaky_ok"), refused, command("flaky_ok")])
+        assert replies(engine, refused.correlation_id)[0].type == "failed"
+        assert replies(engine, marker) == [], "a refused handler's effect stayed"
+        assert before <= prepared(), "the refusal's rollbacks deallocated them"
+    finally:
+        broker.close()
+        one.dispose()
+
+
 def test_a_technical_failure_in_a_batch_fails_only_that_message(
     batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
 ) -> None:

@@ -26,6 +26,7 @@ import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from psycopg.types.json import Jsonb
 
+from outbox_relay import store
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.relay import Relay, RelayConfig
 from outbox_relay.table import DEBOUNCING
@@ -297,6 +298,33 @@ def test_the_table_stays_small_while_20000_rows_flow(db_url: str, amqp_url: str)
     # would leave 20 chunks. The bound leaves room for a loaded machine.
     assert max(sizes) < 8 * chunk, sizes
     assert queue_depth(amqp_url) == total
+
+
+def test_the_relays_sessions_plan_each_statement_once(db_url: str) -> None:
+    # By default PostgreSQL plans the delete (id = ANY($1)) again at every batch: a
+    # generic plan's guess at the array's length makes it look dearer.
+    write_rows(db_url, make_rows(12), notify=None)
+
+    async def claim_one_at_a_time() -> list[tuple[str, int, int]]:
+        conn = await psycopg.AsyncConnection.connect(
+            db_url, autocommit=True, options=store.SESSION_OPTIONS
+        )
+        try:
+            await store.prepare(conn)
+            for _ in range(12):
+                rows = await store.claim(conn, 1)
+                await store.delete_and_commit(conn, [row.id for row in rows])
+            cur = await conn.execute(
+                "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements ORDER BY name"
+            )
+            return [(str(n), int(g), int(c)) for n, g, c in await cur.fetchall()]
+        finally:
+            await conn.close()
+
+    plans = asyncio.run(claim_one_at_a_time())
+    assert outbox_count(db_url) == 0
+    assert [name for name, _, _ in plans] == ["sagabox_claim", "sagabox_delete"]
+    assert all(generic == 12 and custom == 0 for _, generic, custom in plans), plans
 
 
 @pytest.mark.parametrize("exclusive", [True, False], ids=["one_leads", "both_claim"])
