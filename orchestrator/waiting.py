@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 import structlog
@@ -59,7 +58,7 @@ class SagaWaiter:
         self._closed = threading.Event()
         self._listen_pid = 0
         try:
-            self._reader = self._connect_reader()
+            self._reader = psycopg.connect(self.url, autocommit=True)
         except psycopg.Error as e:
             raise StoreError(f"cannot connect to wait for sagas: {e}") from e
         self._reader_lock = threading.Lock()
@@ -126,21 +125,9 @@ class SagaWaiter:
                 raise UnknownSagaError(f"not a saga id: {e}") from e
             except psycopg.Error as e:
                 if self._reader.closed:
-                    self._reader = self._connect_reader()
+                    self._reader = psycopg.connect(self.url, autocommit=True)
                 raise StoreError(f"cannot read saga statuses: {e}") from e
         return {str(saga_id): str(status) for saga_id, status in rows}
-
-    def _connect_reader(self) -> psycopg.Connection[tuple[Any, ...]]:
-        reader = psycopg.connect(self.url, autocommit=True)
-        try:
-            # Its one statement reads by id = ANY($1): with the default plan cache mode,
-            # PostgreSQL plans it again at every read (the generic plan's guess at the
-            # array's length makes it look dearer than a plan for one id).
-            reader.execute("SET plan_cache_mode = force_generic_plan")
-        except BaseException:
-            reader.close()
-            raise
-        return reader
 
     def _settle(self, saga_id: str, status: str) -> None:
         with self._lock:

@@ -85,23 +85,6 @@ def test_a_saga_settled_before_the_wait_is_seen_at_once(
     assert waiter.wait(saga_id, timeout=1) == "compensated"
 
 
-def test_the_status_read_is_planned_once_not_at_every_wait(
-    orch: Orchestrator, waiter: SagaWaiter
-) -> None:
-    # By default PostgreSQL plans "id = ANY($1)" again at every run: a generic plan's
-    # guess at the array's length makes it look dearer than a plan for one id.
-    saga_id = orch.start("order", DATA)
-    declined(orch, saga_id)
-    for _ in range(12):
-        assert waiter.wait(saga_id, timeout=1) == "compensated"
-    # The reader's own session, where psycopg prepared the read from its fifth run on.
-    plans = waiter._reader.execute(
-        "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-        " WHERE statement LIKE '%sagabox.saga%'"
-    ).fetchall()
-    assert len(plans) == 1 and plans[0][0] > 0 and plans[0][1] == 0, plans
-
-
 def test_every_saga_settled_in_one_batch_wakes_its_waiters(
     orch: Orchestrator, waiter: SagaWaiter
 ) -> None:
