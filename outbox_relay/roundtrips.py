@@ -54,7 +54,7 @@ class Tail:
         if not self._pending:
             row = conn.exec_driver_sql(sql, params).first()
             return None if row is None else tuple(row)
-        raw = _driver(conn)
+        raw = driver(conn)
         pending, self._pending = self._pending, []
         with _translated(conn, sql, params):
             with raw.pipeline():
@@ -73,7 +73,7 @@ class Tail:
             return
         if isinstance(target, Session):
             target.flush()  # an ORM flush reads results: not in the pipeline
-        raw = _driver(conn)
+        raw = driver(conn)
         pending, self._pending = self._pending, []
         # One Sync for all: the statements, then COMMIT, then the results. (psycopg's
         # commit() in the pipeline would sync once more: a round trip of its own.) A
@@ -99,7 +99,8 @@ def run(conn: Connection, tail: Tail | None, built: tuple[str, Params] | None) -
         conn.exec_driver_sql(*built)
 
 
-def _driver(conn: Connection) -> psycopg.Connection[Any]:
+def driver(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy one."""
     driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
     return driver
 
@@ -110,7 +111,7 @@ def _translated(conn: Connection, sql: str, params: Params) -> Iterator[None]:
     try:
         yield
     except psycopg.Error as e:
-        lost = _driver(conn).closed or _driver(conn).broken
+        lost = driver(conn).closed or driver(conn).broken
         raise DBAPIError.instance(
             sql, dict(params), e, psycopg.Error, connection_invalidated=lost
         ) from e

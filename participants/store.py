@@ -15,7 +15,6 @@ from datetime import timedelta
 from functools import cache
 from typing import Any, cast
 
-import psycopg
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -153,15 +152,15 @@ def keeping_prepared(conn: Connection) -> Iterator[None]:
     counts start again) after any statement whose command tag is ROLLBACK, in case the
     transaction changed the schema. A handler's refusal changes none; forgetting them
     made the payment service, whose declined payments roll back, plan nearly every
-    statement again (docs/benchmarks.md, "Latest").
+    statement again (docs/benchmarks.md, "30 November 2026, 13:45 UTC").
     """
-    driver = _driver(conn)
-    threshold = driver.prepare_threshold
-    driver.prepare_threshold = None  # psycopg neither prepares nor validates meanwhile
+    raw = roundtrips.driver(conn)
+    threshold = raw.prepare_threshold
+    raw.prepare_threshold = None  # psycopg neither prepares nor validates meanwhile
     try:
         yield
     finally:
-        driver.prepare_threshold = threshold
+        raw.prepare_threshold = threshold
 
 
 def rollback_keeping_prepared(session: Session) -> None:
@@ -178,22 +177,14 @@ def rollback_keeping_prepared(session: Session) -> None:
 @contextmanager
 def _savepoint(session: Session) -> Iterator[None]:
     """``session.begin_nested()``, its rollback keeping the prepared statements."""
-    driver = _driver(session.connection())
-    threshold = driver.prepare_threshold
+    nested = session.begin_nested()
     try:
-        with session.begin_nested():
-            try:
-                yield
-            except BaseException:
-                driver.prepare_threshold = None  # for the ROLLBACK TO SAVEPOINT, next
-                raise
-    finally:
-        driver.prepare_threshold = threshold
-
-
-def _driver(conn: Connection) -> psycopg.Connection[Any]:
-    driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
-    return driver
+        yield
+    except BaseException:
+        with keeping_prepared(session.connection()):
+            nested.rollback()
+        raise
+    nested.commit()
 
 
 @contextmanager
