@@ -17,7 +17,7 @@ from orchestrator.machine import Command, Transition, start, transition
 from orchestrator.registry import Registry
 from orchestrator.state import SagaState, SagaStatus, StepState, StepStatus
 from orchestrator.store import make_engine
-from orchestrator.waiting import SagaWaiter
+from orchestrator.waiting import SagaWaiter, WaitMark
 
 __all__ = [
     "Command",
@@ -43,6 +43,7 @@ __all__ = [
     "StoreError",
     "Transition",
     "UnknownSagaError",
+    "WaitMark",
     "WaitTimeoutError",
     "data",
     "make_engine",

@@ -13,6 +13,16 @@ notification sent meanwhile is gone.
     status = waiter.wait(saga_id, timeout=30)   # 'completed', 'compensated' or 'failed'
     waiter.close()
 
+A caller that starts the saga itself can spare that first read (a round trip and a
+transaction on the orchestrator's database per saga) with a mark taken before the
+start: the waiter was listening then, so the saga's NOTIFY cannot come before it was
+listening, and the waiter remembers what it heard for ``mark_window`` seconds after a
+mark, in case the saga settles before ``wait`` is called.
+
+    mark = waiter.mark()
+    saga_id = orchestrator.start("place_order", data)
+    status = waiter.wait(saga_id, timeout=30, since=mark)
+
 One waiter serves any number of threads; it holds two connections (the LISTEN and one
 for status reads).
 """
@@ -21,6 +31,8 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,13 +55,25 @@ class _Wait:
     status: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class WaitMark:
+    """What ``SagaWaiter.mark`` returns: which listening session heard the saga, and when."""
+
+    waiter: SagaWaiter
+    session: int  # the waiter's listening session then; 0: it was not listening
+    at: float  # time.monotonic()
+
+
 class SagaWaiter:
     """Wakes callers of ``wait`` when their saga settles (see the module's docstring)."""
 
-    def __init__(self, database_url: str, *, reconnect_delay: float = 1.0) -> None:
+    def __init__(
+        self, database_url: str, *, reconnect_delay: float = 1.0, mark_window: float = 10.0
+    ) -> None:
         # A SQLAlchemy URL (postgresql+psycopg://) or a libpq one.
         self.url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.reconnect_delay = reconnect_delay
+        self.mark_window = mark_window
         # Status reads so far (each one autocommit transaction), for tests and metrics.
         self.reads = 0
         self._waits: dict[str, list[_Wait]] = {}
@@ -57,6 +81,13 @@ class SagaWaiter:
         self._listening = threading.Event()
         self._closed = threading.Event()
         self._listen_pid = 0
+        # Counts listening sessions: a mark taken in one is no good in the next, which
+        # may have missed notifications. Changes under _lock only.
+        self._session = 0
+        # What was heard lately, while marks were being taken (see mark()).
+        self._heard: dict[str, str] = {}
+        self._heard_order: deque[tuple[float, str]] = deque()
+        self._last_mark = float("-inf")
         try:
             self._reader = psycopg.connect(self.url, autocommit=True)
         except psycopg.Error as e:
@@ -73,27 +104,64 @@ class SagaWaiter:
             pids.append(self._listen_pid)
         return pids
 
-    def wait(self, saga_id: str, timeout: float) -> str:
+    def mark(self, timeout: float = 1.0) -> WaitMark:
+        """Take before starting a saga, and pass to ``wait(..., since=mark)``.
+
+        A saga started after the mark settles after it, and the waiter hears of it as
+        long as its listening session lasts; so ``wait`` needs no status read while
+        that session lasts and ``mark_window`` seconds have not passed since the mark.
+        Otherwise ``wait`` reads, as without a mark. A waiter not listening yet (just
+        built, or reconnecting) is given up to ``timeout`` seconds to listen.
+        """
+        self._listening.wait(timeout)
+        with self._lock:
+            now = time.monotonic()
+            self._last_mark = now
+            return WaitMark(self, self._session if self._listening.is_set() else 0, now)
+
+    def wait(self, saga_id: str, timeout: float, *, since: WaitMark | None = None) -> str:
         """The status the saga settled in: 'completed', 'compensated' or 'failed'.
 
+        ``since``: a ``mark()`` taken before the saga was started (see ``mark``).
         Raises UnknownSagaError if no saga has this id, WaitTimeoutError if it has not
         settled within ``timeout`` seconds (it goes on all the same).
         """
         if self._closed.is_set():
             raise StoreError("this SagaWaiter is closed")
+        if since is not None:
+            if since.waiter is not self:
+                raise ValueError("since= takes a mark of this SagaWaiter, not another's")
+            try:
+                uuid.UUID(saga_id)
+            except (ValueError, TypeError, AttributeError):
+                raise UnknownSagaError(f"not a saga id: {saga_id!r}") from None
         deadline = time.monotonic() + timeout
         if not self._listening.wait(timeout):
             raise WaitTimeoutError(f"not listening for settled sagas within {timeout} s")
         wait = _Wait()
         with self._lock:
             self._waits.setdefault(saga_id, []).append(wait)
+            # Under the lock with the registration: should the session end after it,
+            # the next one reads this saga's status again (_catch_up).
+            trusted = self._marked(since)
+            heard = self._heard.get(saga_id) if trusted else None
         try:
-            statuses = self._statuses([saga_id])
-            if saga_id not in statuses:
-                raise UnknownSagaError(f"no saga with id {saga_id!r}")
-            if statuses[saga_id] in SETTLED:
-                return statuses[saga_id]
+            if heard is not None:
+                return heard
+            if not trusted:
+                statuses = self._statuses([saga_id])
+                if saga_id not in statuses:
+                    raise UnknownSagaError(f"no saga with id {saga_id!r}")
+                if statuses[saga_id] in SETTLED:
+                    return statuses[saga_id]
             if not wait.event.wait(max(0.0, deadline - time.monotonic())):
+                if trusted:
+                    # Not read before: an id that is no saga is told apart from a slow one.
+                    statuses = self._statuses([saga_id])
+                    if saga_id not in statuses:
+                        raise UnknownSagaError(f"no saga with id {saga_id!r}")
+                    if statuses[saga_id] in SETTLED:
+                        return statuses[saga_id]
                 raise WaitTimeoutError(f"saga {saga_id} did not settle within {timeout} s")
             return wait.status
         finally:
@@ -129,12 +197,30 @@ class SagaWaiter:
                 raise StoreError(f"cannot read saga statuses: {e}") from e
         return {str(saga_id): str(status) for saga_id, status in rows}
 
+    def _marked(self, since: WaitMark | None) -> bool:
+        """Whether everything settled since ``since`` was heard or is still to come
+        (call under _lock)."""
+        return (
+            since is not None
+            and since.session != 0
+            and since.session == self._session
+            and self._listening.is_set()
+            and time.monotonic() - since.at < self.mark_window
+        )
+
     def _settle(self, saga_id: str, status: str) -> None:
         with self._lock:
             waits = self._waits.get(saga_id, [])
             for wait in waits:
                 wait.status = status
                 wait.event.set()
+            now = time.monotonic()
+            if now - self._last_mark < self.mark_window:
+                # Kept until no mark that could still ask for it is within its window.
+                self._heard[saga_id] = status
+                self._heard_order.append((now, saga_id))
+            while self._heard_order and now - self._heard_order[0][0] >= self.mark_window:
+                self._heard.pop(self._heard_order.popleft()[1], None)
 
     def _listen(self) -> None:
         while not self._closed.is_set():
@@ -142,7 +228,9 @@ class SagaWaiter:
                 with psycopg.connect(self.url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {SETTLED_CHANNEL}")
                     self._listen_pid = conn.info.backend_pid
-                    self._listening.set()
+                    with self._lock:
+                        self._session += 1
+                        self._listening.set()
                     self._catch_up()
                     checked = time.monotonic()
                     while not self._closed.is_set():
@@ -154,7 +242,8 @@ class SagaWaiter:
                             conn.execute(LISTEN_CHECK)
                             checked = time.monotonic()
             except (psycopg.Error, StoreError) as e:
-                self._listening.clear()
+                with self._lock:
+                    self._listening.clear()
                 log.warning("saga_waiter_reconnecting", error=repr(e))
                 self._closed.wait(self.reconnect_delay)
 

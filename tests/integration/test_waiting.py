@@ -208,3 +208,74 @@ def test_the_listening_session_reports_its_transactions_while_idle(
         time.sleep(0.1)
     # 200 by the sender; about 200 more by the waiter's listener, reported within ~1 s.
     assert servers.commits(db_url) - before >= 350
+
+
+def test_a_marked_wait_reads_no_status_whether_the_saga_settles_before_or_after_it(
+    orch: Orchestrator, waiter: SagaWaiter
+) -> None:
+    reads = waiter.reads
+    mark = waiter.mark()
+    early = orch.start("order", DATA)
+    declined(orch, early)
+    time.sleep(0.3)  # heard before the wait begins
+    assert waiter.wait(early, timeout=1, since=mark) == "compensated"
+
+    mark = waiter.mark()
+    late = orch.start("order", DATA)
+    box: list[object] = []
+    thread = threading.Thread(target=lambda: box.append(waiter.wait(late, 10, since=mark)))
+    thread.start()
+    time.sleep(0.3)
+    assert box == [], "returned before the saga settled"
+    declined(orch, late)
+    thread.join(5)
+    assert box == ["compensated"]
+    assert waiter.reads == reads
+
+
+def test_a_mark_from_before_the_listener_was_cut_off_reads_the_status(
+    orch: Orchestrator, waiter: SagaWaiter, db_url: str
+) -> None:
+    mark = waiter.mark()
+    saga_id = orch.start("order", DATA)
+    listener = waiter.backend_pids[1]
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        # Settled while nobody listens: its NOTIFY is lost, and the mark with it.
+        admin.execute("SELECT pg_terminate_backend(%s)", [listener])
+        declined(orch, saga_id)
+    deadline = time.monotonic() + 5
+    while waiter.backend_pids[1:] in ([], [listener]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reads = waiter.reads
+    began = time.monotonic()
+    assert waiter.wait(saga_id, timeout=5, since=mark) == "compensated"
+    assert time.monotonic() - began < 1.0, "waited for a notification that was lost"
+    assert waiter.reads == reads + 1
+
+
+def test_a_mark_older_than_its_window_reads_the_status(orch: Orchestrator, db_url: str) -> None:
+    with SagaWaiter(db_url, mark_window=0.3) as waiter:
+        mark = waiter.mark()
+        saga_id = orch.start("order", DATA)
+        declined(orch, saga_id)
+        time.sleep(0.6)  # what was heard is remembered no longer than the window
+        reads = waiter.reads
+        assert waiter.wait(saga_id, timeout=1, since=mark) == "compensated"
+        assert waiter.reads == reads + 1
+
+
+def test_a_marked_wait_still_names_an_id_that_is_no_saga(
+    orch: Orchestrator, waiter: SagaWaiter, db_url: str
+) -> None:
+    missing = str(uuid.uuid4())
+    with pytest.raises(UnknownSagaError, match=missing):
+        waiter.wait(missing, timeout=0.3, since=waiter.mark())
+    began = time.monotonic()
+    with pytest.raises(UnknownSagaError, match="not-a-uuid"):
+        waiter.wait("not-a-uuid", timeout=5, since=waiter.mark())
+    assert time.monotonic() - began < 1.0
+    saga_id = orch.start("order", DATA)
+    with pytest.raises(WaitTimeoutError, match=saga_id):
+        waiter.wait(saga_id, timeout=0.3, since=waiter.mark())
+    with SagaWaiter(db_url) as other, pytest.raises(ValueError, match="another"):
+        waiter.wait(saga_id, timeout=0.3, since=other.mark())
