@@ -231,6 +231,8 @@ class DatabaseRelay:
         # When a claim last came back empty (see _finish).
         self._empty_claim_at = float("-inf")
         self._idle: list[AsyncConn] = []
+        # Ids of the rows this relay has claimed and not yet settled (locked by it).
+        self._held: set[int] = set()
         self._slots = asyncio.Semaphore(config.pipeline_depth)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._channel: ConfirmingChannel | None = None
@@ -286,12 +288,8 @@ class DatabaseRelay:
                     break
                 channel = await self._open_channel()
                 conn = await self._connection()
-                self._wake.clear()
-                rows = await store.claim(conn, self._config.batch_size)
-                self._counters.claims += 1
+                rows = await self._claim(conn)
                 if not rows:
-                    self._counters.empty_claims += 1
-                    await store.commit(conn)
                     self._idle.append(conn)
                     self._slots.release()
                     self._empty_claims += 1
@@ -300,7 +298,12 @@ class DatabaseRelay:
                     attempt = 0
                     continue
                 self._empty_claims = 0
-                confirms = await self._publish(channel, rows)
+                self._held.update(row.id for row in rows)
+                try:
+                    confirms = await self._publish(channel, rows)
+                except BaseException:
+                    self._held.difference_update(row.id for row in rows)
+                    raise
                 task = asyncio.create_task(self._finish(conn, rows, confirms))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
@@ -332,6 +335,22 @@ class DatabaseRelay:
                     error=str(e) or repr(e),
                 )
                 await wait_event(self._stopping, delay)
+
+    async def _claim(self, conn: AsyncConn) -> list[OutboxRow]:
+        """Lock a batch of rows in a transaction left open; none: no transaction."""
+        polled = not self._wake.is_set()
+        self._wake.clear()
+        rows: list[OutboxRow] = []
+        # A poll (no NOTIFY since the last claim) mostly finds nothing: asking first
+        # spares such a claim its transaction's second round trip (the COMMIT).
+        if not polled or await store.claimable(conn, self._held):
+            rows = await store.claim(conn, self._config.batch_size)
+            if not rows:
+                await store.commit(conn)
+        self._counters.claims += 1
+        if not rows:
+            self._counters.empty_claims += 1
+        return rows
 
     async def _idle_wait(self, now: float) -> None:
         timeout = poll_interval(self._config, now < self._poll_until, self._empty_claims)
@@ -431,6 +450,7 @@ class DatabaseRelay:
             await self._discard(conn)
             raise
         finally:
+            self._held.difference_update(row.id for row in rows)
             self._slots.release()
 
     async def _record(

@@ -14,7 +14,7 @@ one-row batch, on a loaded 2-core VM). Only integers are spliced into these quer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,10 +78,23 @@ FOR UPDATE OF o SKIP LOCKED
 
 DELETE = "DELETE FROM sagabox.outbox WHERE id = ANY($1)"
 
+# Whether a claim could find something, leaving out the rows this relay holds: one
+# autocommit round trip, where a claim that finds nothing costs two (BEGIN; claim,
+# then COMMIT). Looser than CLAIM (it ignores the order of a correlation id's rows):
+# it may send the relay to a claim that finds nothing, never keep it from one.
+CLAIMABLE = """
+SELECT EXISTS (
+  SELECT 1 FROM sagabox.outbox o
+  WHERE o.parked_at IS NULL
+    AND (o.available_at IS NULL OR o.available_at <= now())
+    AND o.id <> ALL($1))
+"""
+
 # Prepared once per claiming connection (SQL-level, so a simple query can run them).
 PREPARE = (
     f"PREPARE sagabox_claim(int) AS {CLAIM.replace('LIMIT %s', 'LIMIT $1')};"
-    f"PREPARE sagabox_delete(bigint[]) AS {DELETE}"
+    f"PREPARE sagabox_delete(bigint[]) AS {DELETE};"
+    f"PREPARE sagabox_claimable(bigint[]) AS {CLAIMABLE}"
 )
 
 # Backoff doubles per attempt: base * 2^attempts, capped.
@@ -160,6 +173,16 @@ async def claim(conn: AsyncConn, limit: int) -> list[OutboxRow]:
     await cur.execute(f"BEGIN; EXECUTE sagabox_claim({int(limit)})")
     cur.nextset()  # past BEGIN's empty result
     return [OutboxRow(*row) for row in await cur.fetchall()]
+
+
+async def claimable(conn: AsyncConn, held: Collection[int]) -> bool:
+    """Whether rows other than ``held`` might be claimed now (see CLAIMABLE); no
+    transaction is left open."""
+    array = ",".join(str(int(i)) for i in held)
+    # SQL-prepared already: psycopg preparing the EXECUTE again would add nothing.
+    cur = await conn.execute(f"EXECUTE sagabox_claimable('{{{array}}}')", prepare=False)
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def delete_and_commit(conn: AsyncConn, ids: Sequence[int]) -> None:

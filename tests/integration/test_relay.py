@@ -312,6 +312,7 @@ def test_the_relays_sessions_plan_each_statement_once(db_url: str) -> None:
         try:
             await store.prepare(conn)
             for _ in range(12):
+                assert await store.claimable(conn, [])
                 rows = await store.claim(conn, 1)
                 await store.delete_and_commit(conn, [row.id for row in rows])
             cur = await conn.execute(
@@ -323,7 +324,11 @@ def test_the_relays_sessions_plan_each_statement_once(db_url: str) -> None:
 
     plans = asyncio.run(claim_one_at_a_time())
     assert outbox_count(db_url) == 0
-    assert [name for name, _, _ in plans] == ["sagabox_claim", "sagabox_delete"]
+    assert [name for name, _, _ in plans] == [
+        "sagabox_claim",
+        "sagabox_claimable",
+        "sagabox_delete",
+    ]
     assert all(generic == 12 and custom == 0 for _, generic, custom in plans), plans
 
 
@@ -458,6 +463,37 @@ def test_rows_that_were_each_announced_are_claimed_with_no_empty_claim(
     # A NOTIFY that arrives while its row is claimed with the row before can cost one
     # empty claim; polling would cost several per row (40 or so here).
     assert empty <= 2, f"{empty} of {claims} claims found nothing"
+
+
+def test_a_poll_that_finds_nothing_opens_no_transaction(
+    db_url: str, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim that finds nothing costs a second round trip, its COMMIT; polls, which
+    # mostly find nothing, ask first in one (store.claimable).
+    commits: list[object] = []
+    commit = store.commit
+
+    async def counted(conn: store.AsyncConn) -> None:
+        commits.append(conn)
+        await commit(conn)
+
+    monkeypatch.setattr(store, "commit", counted)
+    config = relay_config([db_url], amqp_url, idle_poll_interval=0.05)
+    slow_confirm = Failpoints.parse("relay.after_confirm_before_mark=sleep:1.0")
+    with running_relay(config, slow_confirm) as relay:
+        time.sleep(0.5)  # past the start's claim, which a wake-up makes a full one
+        before, committed = replace(relay.counters), len(commits)
+        time.sleep(1.0)
+        assert relay.counters.empty_claims - before.empty_claims >= 10
+        assert len(commits) == committed, "a poll that found nothing opened a transaction"
+        # A row with no NOTIFY is still found by the next poll; while its batch waits
+        # for its confirm (1 s), polls leave the row it holds out and open nothing.
+        write_rows(db_url, make_rows(1), notify=None)
+        wait_until(lambda: relay.counters.claims - relay.counters.empty_claims > 0, 5, "a claim")
+        time.sleep(0.5)
+        assert len(commits) == committed
+        wait_until(lambda: published(amqp_url) == 1, 5, "the row to be published")
+        wait_until(lambda: outbox_count(db_url) == 0, 5, "the outbox to drain")
 
 
 def test_the_listening_session_reports_its_transactions_while_idle(
