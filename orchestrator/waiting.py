@@ -85,7 +85,7 @@ class SagaWaiter:
         # may have missed notifications. Changes under _lock only.
         self._session = 0
         # What was heard lately, while marks were being taken (see mark()).
-        self._heard: dict[str, str] = {}
+        self._heard: dict[str, tuple[str, float]] = {}  # saga id: (status, when)
         self._heard_order: deque[tuple[float, str]] = deque()
         self._last_mark = float("-inf")
         try:
@@ -144,7 +144,7 @@ class SagaWaiter:
             # Under the lock with the registration: should the session end after it,
             # the next one reads this saga's status again (_catch_up).
             trusted = self._marked(since)
-            heard = self._heard.get(saga_id) if trusted else None
+            heard = self._heard[saga_id][0] if trusted and saga_id in self._heard else None
         try:
             if heard is not None:
                 return heard
@@ -217,10 +217,12 @@ class SagaWaiter:
             now = time.monotonic()
             if now - self._last_mark < self.mark_window:
                 # Kept until no mark that could still ask for it is within its window.
-                self._heard[saga_id] = status
+                self._heard[saga_id] = (status, now)
                 self._heard_order.append((now, saga_id))
             while self._heard_order and now - self._heard_order[0][0] >= self.mark_window:
-                self._heard.pop(self._heard_order.popleft()[1], None)
+                at, old = self._heard_order.popleft()
+                if old in self._heard and self._heard[old][1] == at:  # not heard since
+                    del self._heard[old]
 
     def _listen(self) -> None:
         while not self._closed.is_set():

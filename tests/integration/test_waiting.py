@@ -279,3 +279,22 @@ def test_a_marked_wait_still_names_an_id_that_is_no_saga(
         waiter.wait(saga_id, timeout=0.3, since=waiter.mark())
     with SagaWaiter(db_url) as other, pytest.raises(ValueError, match="another"):
         waiter.wait(saga_id, timeout=0.3, since=other.mark())
+
+
+def test_what_a_waiter_heard_is_forgotten_once_no_mark_can_ask_for_it(
+    orch: Orchestrator, db_url: str
+) -> None:
+    with SagaWaiter(db_url, mark_window=0.3) as waiter:
+        first = orch.start("order", DATA)
+        declined(orch, first)
+        time.sleep(0.3)
+        assert waiter._heard == {}, "remembered with no mark taken"
+        waiter.mark()
+        second = orch.start("order", DATA)
+        declined(orch, second)
+        time.sleep(0.5)
+        assert list(waiter._heard) == [second]
+        third = orch.start("order", DATA)
+        declined(orch, third)  # past the window: heard, not kept, and the second goes
+        time.sleep(0.3)
+        assert waiter._heard == {}
