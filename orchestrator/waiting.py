@@ -146,22 +146,13 @@ class SagaWaiter:
             trusted = self._marked(since)
             heard = self._heard[saga_id][0] if trusted and saga_id in self._heard else None
         try:
-            if heard is not None:
-                return heard
-            if not trusted:
-                statuses = self._statuses([saga_id])
-                if saga_id not in statuses:
-                    raise UnknownSagaError(f"no saga with id {saga_id!r}")
-                if statuses[saga_id] in SETTLED:
-                    return statuses[saga_id]
+            settled = heard if trusted else self._settled(saga_id)
+            if settled is not None:
+                return settled
             if not wait.event.wait(max(0.0, deadline - time.monotonic())):
-                if trusted:
-                    # Not read before: an id that is no saga is told apart from a slow one.
-                    statuses = self._statuses([saga_id])
-                    if saga_id not in statuses:
-                        raise UnknownSagaError(f"no saga with id {saga_id!r}")
-                    if statuses[saga_id] in SETTLED:
-                        return statuses[saga_id]
+                # Not read before: an id that is no saga is told apart from a slow one.
+                if trusted and (settled := self._settled(saga_id)) is not None:
+                    return settled
                 raise WaitTimeoutError(f"saga {saga_id} did not settle within {timeout} s")
             return wait.status
         finally:
@@ -183,6 +174,14 @@ class SagaWaiter:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    def _settled(self, saga_id: str) -> str | None:
+        """The status the saga settled in, None if it has not (UnknownSagaError if no
+        saga has this id): one read."""
+        statuses = self._statuses([saga_id])
+        if saga_id not in statuses:
+            raise UnknownSagaError(f"no saga with id {saga_id!r}")
+        return statuses[saga_id] if statuses[saga_id] in SETTLED else None
 
     def _statuses(self, saga_ids: Sequence[str]) -> dict[str, str]:
         with self._reader_lock:
