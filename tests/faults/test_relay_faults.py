@@ -218,8 +218,10 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
     first, first_log, second, second_log = standby_pair(db_url, amqp_url, tmp_path)
     with psycopg.connect(db_url) as conn:
         row = conn.execute(
+            # This database's lock: a relay of another test may still hold its own.
             "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
             " WHERE l.locktype = 'advisory' AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
     assert row is not None and row[0] > 0, "the leader's session is not on TCP"
     rule = ["INPUT", "-p", "tcp", "-i", "lo", "--sport", str(row[0]), "-j", "DROP"]
