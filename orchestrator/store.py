@@ -347,7 +347,8 @@ SETTLED_CHANNEL = "sagabox_saga_settled"
 # it runs a statement, and cannot learn that its server lost the connection
 # (outbox_relay.store.check_listening says more).
 LISTEN_CHECK = "SELECT 1"
-# What a waiter reads: the first time, and after missing notifications.
+# What a waiter reads: before a wait without a mark, when a marked wait times out, and
+# after missing notifications (orchestrator.waiting).
 # PostgreSQL plans it at every run (a generic plan's guess at the array's length makes
 # that plan look dearer): about 30 us. Forcing generic plans on the waiter's session was
 # measured worse: a generic plan made while the table is small is a sequential scan,
