@@ -155,6 +155,10 @@ class Orchestrator:
             kind="producer",
             attributes={"sagabox.saga": definition.name, "sagabox.version": definition.version},
         ):
+            if connection is None and idempotency_key is None:
+                # One statement, atomic on its own: no BEGIN, one round trip.
+                with _autocommit(self.engine, self.outbox) as conn:
+                    return self._start(conn, *args, traceparent=traceparent, tail=None)
             if connection is None:
                 with self._writing() as (conn, tail):
                     return self._start(conn, *args, traceparent=traceparent, tail=tail)
@@ -657,6 +661,18 @@ def _transaction(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
     try:
         with _translated(), engine.begin() as conn:
             yield conn
+    except BaseException:
+        outbox.rolled_back()
+        raise
+
+
+@contextmanager
+def _autocommit(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
+    """A connection whose statements each commit on their own: for a write that is one
+    statement, whose BEGIN would be a round trip of its own."""
+    try:
+        with _translated(), engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
     except BaseException:
         outbox.rolled_back()
         raise

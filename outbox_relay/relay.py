@@ -178,14 +178,15 @@ def describe_database(url: str) -> str:
     return f"{parts.hostname or 'localhost'}/{parts.path.lstrip('/')}"
 
 
-def _debug_enabled() -> bool:
-    """Whether debug lines are written; asked once per batch, not once per message.
+def _enabled(level: int) -> bool:
+    """Whether lines of ``level`` are written; asked once per batch, not once per message.
 
-    Even a filtered-out call per message costs as much as the batch's INFO line.
+    Even a filtered-out call per message costs as much as the batch's INFO line, and
+    that line's id lists cost their building even when it is filtered out.
     """
     # Only structlog's filtering and stdlib loggers know their level; ask the others.
     enabled = getattr(log, "is_enabled_for", None)
-    return enabled is None or bool(enabled(logging.DEBUG))
+    return enabled is None or bool(enabled(level))
 
 
 @dataclass
@@ -463,7 +464,7 @@ class DatabaseRelay:
         acked: list[OutboxRow] = []
         nacked: list[int] = []
         parked: list[tuple[int, str]] = []
-        per_message = _debug_enabled()
+        per_message = _enabled(logging.DEBUG)
         for row, outcome in zip(rows, outcomes, strict=True):
             kind, reason = outcome or (NACK, "not confirmed")
             if kind == ACK:
@@ -519,7 +520,7 @@ class DatabaseRelay:
         parallel lists instead: ``sagabox trace`` and a log query find a saga's
         messages by ``correlation_ids`` at the default level.
         """
-        if not acked:
+        if not acked or not _enabled(logging.INFO):
             return
         log.info(
             "outbox_batch_published",

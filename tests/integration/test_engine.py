@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -10,7 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Column, Engine, MetaData, Table, Text, func, select, text
+from psycopg import pq
+from sqlalchemy import Column, Engine, MetaData, Table, Text, event, func, select, text
 
 from orchestrator import (
     IdempotencyConflictError,
@@ -22,6 +24,7 @@ from orchestrator import (
     StepStatus,
     StoreError,
     UnknownSagaError,
+    make_engine,
 )
 from orchestrator.machine import command_id
 from orchestrator.metrics import SagaGauges, deadlines
@@ -114,6 +117,41 @@ def test_start_in_the_callers_transaction_commits_or_rolls_back_with_it(
     assert count(engine, orders) == 1
     assert orch.get(saga_id).row.status == "running"
     assert count(engine, outbox) == 1
+
+
+def test_a_start_without_key_is_one_round_trip_and_leaves_the_pool_transactional(
+    db_url: str, tmp_path: Any
+) -> None:
+    # One statement commits on its own: a BEGIN would be a wait of its own on every
+    # saga's start. The pooled connection must come back to transactions as usual.
+    eng = make_engine(db_url, pool_size=1, pre_ping=False)
+    trace_file = tmp_path / "protocol.txt"
+    traced: list[Any] = []
+
+    @event.listens_for(eng, "checkout")
+    def trace(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if not traced:
+            traced.append(dbapi_connection)
+            dbapi_connection.pgconn.trace(os.open(trace_file, os.O_WRONLY | os.O_CREAT))
+            dbapi_connection.pgconn.set_trace_flags(
+                pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE
+            )
+
+    try:
+        orch = Orchestrator(eng, Registry([ORDER]))
+        saga_id = orch.start("order", DATA)
+        traced[0].pgconn.untrace()
+        exchanged = trace_file.read_text()
+        assert exchanged.count("ReadyForQuery") == 1, exchanged
+        assert "BEGIN" not in exchanged.upper()
+        assert orch.get(saga_id).row.status == "running"
+        with eng.connect() as conn:
+            conn.exec_driver_sql("CREATE TEMP TABLE t (x int)")
+            assert conn.in_transaction()
+            conn.rollback()
+            assert conn.exec_driver_sql("SELECT to_regclass('pg_temp.t')").scalar() is None
+    finally:
+        eng.dispose()
 
 
 def test_bad_input_gets_a_clear_error_and_writes_nothing(
