@@ -155,16 +155,13 @@ class Orchestrator:
             kind="producer",
             attributes={"sagabox.saga": definition.name, "sagabox.version": definition.version},
         ):
-            if connection is None and idempotency_key is None:
+            if connection is None:
                 # One statement, atomic on its own: no BEGIN, one round trip.
                 with _autocommit(self.engine, self.outbox) as conn:
-                    return self._start(conn, *args, traceparent=traceparent, tail=None)
-            if connection is None:
-                with self._writing() as (conn, tail):
-                    return self._start(conn, *args, traceparent=traceparent, tail=tail)
+                    return self._start(conn, *args, traceparent=traceparent)
             with _translated():
                 conn = connection.connection() if isinstance(connection, Session) else connection
-                return self._start(conn, *args, traceparent=traceparent, tail=None)
+                return self._start(conn, *args, traceparent=traceparent)
 
     def _start(
         self,
@@ -175,7 +172,6 @@ class Orchestrator:
         idempotency_key: str | None,
         *,
         traceparent: str | None,
-        tail: Tail | None,
     ) -> str:
         definition = self.registry.get(name, version)
         saga_id = str(uuid.uuid4())
@@ -201,16 +197,15 @@ class Orchestrator:
             idempotency_key,
             started,
         )
+        built = self.outbox.statement(messages, along=store.new_saga(new))
+        assert built is not None  # the saga row is always in it
         if idempotency_key is None:
-            along = store.new_saga(new)
-            roundtrips.run(conn, tail, self.outbox.statement(messages, along=along))
+            conn.exec_driver_sql(*built)
             self._log_started(saga_id, name, version, t)
             return saga_id
-        # The saga row and its first history row in one round trip, whose result says
-        # whether the key was new.
-        inserted = store.insert_started_saga(conn, new)
-        if not inserted:
-            assert idempotency_key is not None
+        # Its one row's last column says whether the key was new.
+        row = conn.exec_driver_sql(*built).one()
+        if not row[-1]:
             existing = store.find_by_key(conn, name, idempotency_key)
             if existing is None:  # pragma: no cover - the conflicting row was deleted meanwhile
                 raise StoreError("idempotency key conflict but no saga found; retry")
@@ -220,7 +215,6 @@ class Orchestrator:
                     "with different data"
                 )
             return existing.id
-        roundtrips.run(conn, tail, self.outbox.statement(messages))
         self._log_started(saga_id, name, version, t)
         return saga_id
 

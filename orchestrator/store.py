@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from orchestrator.state import SETTLED
 from orchestrator.tables import history, reply_inbox, saga
-from outbox_relay.table import Along
+from outbox_relay.table import GUARD, Along
 
 
 def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
@@ -91,23 +91,10 @@ _HISTORY_COLUMNS = (
     " event_data, emitted, actor"
 )
 
-# A start's saga row and its first history row in one round trip; the history row
-# only when the saga row was inserted (not on an idempotency key conflict).
-INSERT_STARTED_SAGA = f"""
-WITH inserted AS ({INSERT_SAGA}
-), started AS (
-    INSERT INTO {history.fullname} ({_HISTORY_COLUMNS})
-    SELECT id, %(h_seq)s::int, %(h_at)s::timestamptz, %(h_event)s::text, %(h_step)s::text,
-        %(h_attempt)s::int, %(h_message_id)s::uuid, %(h_from_status)s::text,
-        %(h_to_status)s::text, %(h_reason)s::text, %(h_event_data)s::jsonb,
-        %(h_emitted)s::jsonb, %(h_actor)s::text
-    FROM inserted
-)
-SELECT id FROM inserted"""
-
-# Without an idempotency key nothing can conflict (the id is new), so nobody reads a
-# result: the saga row and its first history row ride with the start's outbox insert,
-# as CTEs of that one statement (outbox_relay.table.Along), held back for the COMMIT.
+# A start is one statement: the saga row and its first history row ride with the
+# outbox insert as CTEs (outbox_relay.table.Along), so that the start needs no
+# transaction of its own. Without an idempotency key nothing can conflict (the id is
+# new) and nothing is read back.
 _NEW_SAGA = f"""
 INSERT INTO {saga.fullname}
     (id, name, version, status, state, wake_at, idempotency_key, revision)
@@ -123,6 +110,15 @@ VALUES (
     %(h_to_status)s::text, %(h_reason)s::text, %(h_event_data)s::jsonb,
     %(h_emitted)s::jsonb, %(h_actor)s::text
 )"""
+# With a key, the saga row may conflict: the history row and the first commands are
+# written only if it was inserted (GUARD), and the statement says whether it was.
+_KEYED_SAGA_STARTED = f"""
+INSERT INTO {history.fullname} ({_HISTORY_COLUMNS})
+SELECT id, %(h_seq)s::int, %(h_at)s::timestamptz, %(h_event)s::text, %(h_step)s::text,
+    %(h_attempt)s::int, %(h_message_id)s::uuid, %(h_from_status)s::text,
+    %(h_to_status)s::text, %(h_reason)s::text, %(h_event_data)s::jsonb,
+    %(h_emitted)s::jsonb, %(h_actor)s::text
+FROM {GUARD}"""
 
 FIND_BY_KEY = f"""
 SELECT {_SAGA_COLUMNS} FROM {saga.fullname}
@@ -243,18 +239,14 @@ class NewSaga:
         return params
 
 
-def insert_started_saga(conn: Connection, saga: NewSaga) -> bool:
-    """The saga row and, only when it was inserted (its idempotency key was new), its
-    first history row, in one round trip."""
-    return conn.exec_driver_sql(INSERT_STARTED_SAGA, saga.params()).first() is not None
-
-
 def new_saga(saga: NewSaga) -> Along:
-    """A saga without an idempotency key, as statements to run with the start's outbox
-    insert (``OutboxWriter.statement``): nothing can conflict, nothing is read back."""
-    if saga.idempotency_key is not None:
-        raise ValueError("a saga with an idempotency key goes through insert_started_saga")
-    return Along((_NEW_SAGA, _NEW_SAGA_STARTED), saga.params())
+    """A saga as statements to run with the start's outbox insert
+    (``OutboxWriter.statement``). Without an idempotency key nothing can conflict and
+    nothing is read back; with one, the statement's one row ends with whether the key
+    was new (if not, nothing was written)."""
+    if saga.idempotency_key is None:
+        return Along((_NEW_SAGA, _NEW_SAGA_STARTED), saga.params())
+    return Along((INSERT_SAGA, _KEYED_SAGA_STARTED), saga.params(), guarded=True)
 
 
 def _saga_params(

@@ -123,7 +123,8 @@ class OutboxWriter:
                 return along.alone(), dict(along.params)
             return None
         params: dict[str, Any]
-        if len(messages) == 1:
+        guarded = along is not None and along.guarded
+        if len(messages) == 1 and not guarded:
             m = messages[0]
             insert = _INSERT_ONE
             params = {
@@ -135,7 +136,7 @@ class OutboxWriter:
                 "headers": None if m.headers is None else _dumps(m.headers),
             }
         else:
-            insert = _INSERT_MANY
+            insert = _INSERT_MANY_GUARDED if guarded else _INSERT_MANY
             params = {
                 "message_ids": [m.message_id for m in messages],
                 "correlation_ids": [m.correlation_id for m in messages],
@@ -145,20 +146,22 @@ class OutboxWriter:
                 "headers": [None if m.headers is None else _dumps(m.headers) for m in messages],
             }
         ctes = []
-        notifications: list[str] = []
+        selects: list[str] = []
         if along is not None:
             ctes += along.ctes()
             params.update(along.params)
-            notifications += along.notifications()
+            selects += along.notifications()
+            if along.guarded:
+                selects.append(_GUARD_RESULT)
         now = self.clock()
         busy = now - self._last_write < self.quiet_gap
         self._last_write = now
         if busy:
             self._last_busy = now
             if self._debouncing and now - self._last_notify < self.notify_interval:
-                if notifications:
+                if selects:
                     ctes.append(f"written AS ({insert})")
-                    sql = f"WITH {', '.join(ctes)} SELECT {', '.join(notifications)}"
+                    sql = f"WITH {', '.join(ctes)} SELECT {', '.join(selects)}"
                 else:
                     sql = f"WITH {', '.join(ctes)} {insert}" if ctes else insert
                 return sql, params
@@ -167,8 +170,8 @@ class OutboxWriter:
         # without first sending one more (each one serialises a commit).
         debouncing = now - self._last_busy < self.busy_memory
         payload = DEBOUNCING if debouncing else ""
-        notifications.insert(0, f"pg_notify('{NOTIFY_CHANNEL}', '{payload}')")
-        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(notifications)}"
+        selects.insert(0, f"pg_notify('{NOTIFY_CHANNEL}', '{payload}')")
+        sql = f"WITH {', '.join(ctes)} SELECT {', '.join(selects)}"
         self._last_notify, self._debouncing = now, debouncing
         return sql, params
 
@@ -188,6 +191,10 @@ class Along:
     statements: tuple[str, ...]
     params: Mapping[str, Any]
     notify: tuple[tuple[str, str], ...] = ()
+    # The first statement (a RETURNING one, the CTE named GUARD) decides: the messages
+    # are inserted only if it returned a row, and the whole statement returns one row
+    # whose last column says whether it did.
+    guarded: bool = False
 
     def ctes(self) -> list[str]:
         return [f"along{i} AS ({sql})" for i, sql in enumerate(self.statements)]
@@ -197,8 +204,9 @@ class Along:
 
     def alone(self) -> str:
         """The statements as one, when there is no row to insert."""
-        if self.notify:
-            return f"WITH {', '.join(self.ctes())} SELECT {', '.join(self.notifications())}"
+        selects = self.notifications() + ([_GUARD_RESULT] if self.guarded else [])
+        if selects:
+            return f"WITH {', '.join(self.ctes())} SELECT {', '.join(selects)}"
         *first, last = self.statements
         if not first:
             return last
@@ -215,13 +223,18 @@ _INSERT_ONE = (
     f"INSERT INTO {SCHEMA}.outbox {_COLUMNS} VALUES (%(message_id)s, %(correlation_id)s, "
     "%(exchange)s, %(destination)s, %(body)s, %(headers)s::jsonb)"
 )
-_INSERT_MANY = (
+_INSERT_MANY_FROM = (
     f"INSERT INTO {SCHEMA}.outbox "
     f"{_COLUMNS} SELECT m, c, e, d, b, h FROM unnest("
     "%(message_ids)b::uuid[], %(correlation_ids)b::uuid[], %(exchanges)b::text[], "
     "%(destinations)b::text[], %(bodies)b::text[], %(headers)b::jsonb[]"
-    ") WITH ORDINALITY AS t(m, c, e, d, b, h, n) ORDER BY n"
+    ") WITH ORDINALITY AS t(m, c, e, d, b, h, n)"
 )
+_INSERT_MANY = f"{_INSERT_MANY_FROM} ORDER BY n"
+# Along.guarded: the CTE the messages depend on, and what the statement returns of it.
+GUARD = "along0"
+_INSERT_MANY_GUARDED = f"{_INSERT_MANY_FROM} WHERE EXISTS (SELECT FROM {GUARD}) ORDER BY n"
+_GUARD_RESULT = f"EXISTS (SELECT FROM {GUARD})"
 
 
 def _dumps(value: Mapping[str, Any]) -> str:

@@ -119,8 +119,9 @@ def test_start_in_the_callers_transaction_commits_or_rolls_back_with_it(
     assert count(engine, outbox) == 1
 
 
-def test_a_start_without_key_is_one_round_trip_and_leaves_the_pool_transactional(
-    db_url: str, tmp_path: Any
+@pytest.mark.parametrize("key", [None, "order-7"])
+def test_a_start_is_one_round_trip_and_leaves_the_pool_transactional(
+    db_url: str, tmp_path: Any, key: str | None
 ) -> None:
     # One statement commits on its own: a BEGIN would be a wait of its own on every
     # saga's start. The pooled connection must come back to transactions as usual.
@@ -139,12 +140,17 @@ def test_a_start_without_key_is_one_round_trip_and_leaves_the_pool_transactional
 
     try:
         orch = Orchestrator(eng, Registry([ORDER]))
-        saga_id = orch.start("order", DATA)
+        saga_id = orch.start("order", DATA, idempotency_key=key)
         traced[0].pgconn.untrace()
         exchanged = trace_file.read_text()
         assert exchanged.count("ReadyForQuery") == 1, exchanged
         assert "BEGIN" not in exchanged.upper()
         assert orch.get(saga_id).row.status == "running"
+        assert count(eng, saga) == count(eng, history) == count(eng, outbox) == 1
+        # A key seen before: its saga's id, and nothing written.
+        assert (orch.start("order", DATA, idempotency_key=key) == saga_id) is (key is not None)
+        sagas = 1 if key else 2
+        assert count(eng, saga) == count(eng, history) == count(eng, outbox) == sagas
         with eng.connect() as conn:
             conn.exec_driver_sql("CREATE TEMP TABLE t (x int)")
             assert conn.in_transaction()
@@ -177,6 +183,27 @@ def test_idempotent_start(orch: Orchestrator, engine: Engine) -> None:
         orch.start("order", {**DATA, "qty": 3}, idempotency_key="order-1")
     assert count(engine, saga) == 1
     assert count(engine, outbox) == 1
+
+
+def test_keyed_starts_of_a_busy_writer_still_say_whether_the_key_was_new(
+    engine: Engine, clock: Clock
+) -> None:
+    # A busy outbox writer leaves its NOTIFY out of the statement (all but the first two
+    # here): the answer of a keyed start must not ride on it.
+    orch = Orchestrator(
+        engine,
+        Registry([ORDER]),
+        clock=clock,
+        outbox=OutboxWriter(notify_interval=60, quiet_gap=60),
+    )
+    keys = [f"order-{i}" for i in range(20)]
+    first = [orch.start("order", DATA, idempotency_key=k) for k in keys]
+    again = [orch.start("order", DATA, idempotency_key=k) for k in keys]
+    assert again == first and len(set(first)) == len(keys)
+    assert count(engine, saga) == count(engine, history) == count(engine, outbox) == len(keys)
+    with pytest.raises(IdempotencyConflictError, match="different data"):
+        orch.start("order", {**DATA, "qty": 3}, idempotency_key=keys[-1])
+    assert count(engine, outbox) == len(keys)
 
 
 def test_concurrent_starts_with_one_key_make_one_saga(orch: Orchestrator, engine: Engine) -> None:
