@@ -240,7 +240,17 @@ class Orchestrator:
         now = self.clock()
         outcomes: dict[str, Outcome] = {}
         with self._writing() as (conn, tail):
-            rows = store.lock_sagas(conn, (r.correlation_id for r in replies))
+            # The inbox takes only the replies with no problem: those whose saga is
+            # missing or another one are left out by the statement itself.
+            rows, fresh = store.lock_and_record(
+                conn,
+                (r.correlation_id for r in replies),
+                (
+                    store.ReplyKey(r.message_id, r.correlation_id, r.saga, r.version)
+                    for r in replies
+                    if r.kind == "reply" and (r.saga, r.version) in self.registry
+                ),
+            )
             acceptable: list[Envelope] = []
             for reply in replies:
                 problem = self._reply_problem(reply, rows.get(reply.correlation_id))
@@ -250,7 +260,6 @@ class Orchestrator:
                     )
                 else:
                     acceptable.append(reply)
-            fresh = store.record_replies(conn, (r.message_id for r in acceptable))
             states: dict[str, tuple[store.SagaRow, SagaState, int]] = {}
             history_rows: list[dict[str, Any]] = []
             messages: list[OutgoingMessage] = []

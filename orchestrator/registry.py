@@ -41,6 +41,10 @@ class Registry:
                 f"saga {name!r} has no version {version} (registered: {known or 'none'})"
             ) from None
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``(name, version)`` is registered."""
+        return key in self._sagas
+
     def __iter__(self) -> Iterator[Saga]:
         return iter(sorted(self._sagas.values(), key=lambda s: (s.name, s.version)))
 

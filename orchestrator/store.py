@@ -75,6 +75,8 @@ _SAGA_COLUMNS = (
     "id::text, name, version, status, state, revision, idempotency_key,"
     " created_at, updated_at, wake_at"
 )
+# The same, selected from a CTE of _SAGA_COLUMNS (where id is already text).
+_LOCKED_COLUMNS = _SAGA_COLUMNS.replace("id::text", "id")
 
 INSERT_SAGA = f"""
 INSERT INTO {saga.fullname}
@@ -161,13 +163,31 @@ SELECT * FROM unnest(
     %(h_event_datas)b::jsonb[], %(h_emitteds)b::jsonb[], %(h_actors)b::text[]
 )"""
 
-# ORDER BY: rows are inserted in the order selected, so two transactions inserting
-# overlapping ids wait on each other in the same order instead of deadlocking.
-RECORD_REPLIES = f"""
-INSERT INTO {reply_inbox.fullname} (message_id)
-SELECT m FROM unnest(%(ids)b::uuid[]) AS m ORDER BY m
-ON CONFLICT DO NOTHING
-RETURNING message_id::text"""
+# A reply batch's first statement: its sagas locked (as LOCK_SAGAS), and the ids of the
+# replies that name a locked saga as it is (name, version) added to the inbox, in one
+# round trip. A reply id is inserted only once its saga is locked (it joins the locked
+# rows), so two orchestrators given the same reply serialise on the saga's lock, in id
+# order, as before; ORDER BY inserts in id order besides. Every row carries the ids
+# not seen before.
+LOCK_AND_RECORD = f"""
+WITH locked AS (
+    SELECT id AS uid, {_SAGA_COLUMNS} FROM {saga.fullname}
+    WHERE id = ANY(%(ids)b::uuid[])
+    ORDER BY id
+    FOR UPDATE
+), recorded AS (
+    INSERT INTO {reply_inbox.fullname} (message_id)
+    SELECT r.m
+    FROM unnest(
+        %(r_ids)b::uuid[], %(r_sagas)b::uuid[], %(r_names)b::text[], %(r_versions)b::int[]
+    ) AS r (m, saga_id, name, version)
+    JOIN locked ON locked.uid = r.saga_id AND locked.name = r.name
+        AND locked.version = r.version
+    ORDER BY r.m
+    ON CONFLICT DO NOTHING
+    RETURNING message_id::text
+)
+SELECT {_LOCKED_COLUMNS}, (SELECT array_agg(message_id) FROM recorded) FROM locked"""
 
 
 def _row(r: Any) -> SagaRow:
@@ -394,16 +414,39 @@ def _history_params(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def record_replies(conn: Connection, message_ids: Iterable[str]) -> set[str]:
-    """Add reply ids to the inbox; return those not seen before.
+@dataclass(frozen=True, slots=True)
+class ReplyKey:
+    """What the inbox needs of a reply: its id, and the saga it names."""
 
-    Inserted in id order (RECORD_REPLIES), so two transactions inserting overlapping
-    ids wait on each other in the same order instead of deadlocking.
-    """
-    ids = list(set(message_ids))
+    message_id: str
+    saga_id: str
+    name: str
+    version: int
+
+
+def lock_and_record(
+    conn: Connection, saga_ids: Iterable[str], replies: Iterable[ReplyKey]
+) -> tuple[dict[str, SagaRow], set[str]]:
+    """Lock the given sagas (as ``lock_sagas``) and add to the inbox the ids of the
+    ``replies`` whose saga is among them with the name and version they give, in one
+    round trip: the locked rows by id, and the reply ids not seen before."""
+    ids = list(set(saga_ids))
     if not ids:
-        return set()
-    return {r[0] for r in conn.exec_driver_sql(RECORD_REPLIES, {"ids": ids})}
+        return {}, set()
+    keys = list({r.message_id: r for r in replies}.values())
+    params = {
+        "ids": ids,
+        "r_ids": [k.message_id for k in keys],
+        "r_sagas": [k.saga_id for k in keys],
+        "r_names": [k.name for k in keys],
+        "r_versions": [k.version for k in keys],
+    }
+    rows: dict[str, SagaRow] = {}
+    fresh: set[str] = set()
+    for r in conn.exec_driver_sql(LOCK_AND_RECORD, params):
+        rows[r[0]] = _row(r[:-1])
+        fresh = set(r[-1] or ())
+    return rows, fresh
 
 
 # The cold paths (operator commands, listings, checks) keep Core statements.

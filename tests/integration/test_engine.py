@@ -31,6 +31,7 @@ from orchestrator.metrics import SagaGauges, deadlines
 from orchestrator.service import ReplyConsumer
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
+from outbox_relay.roundtrips import driver
 from outbox_relay.table import DEBOUNCING, OutboxWriter, outbox
 from participants import Context, Participant, Payload
 from participants.testing import MemoryInbox
@@ -415,6 +416,47 @@ def test_rejected_replies_are_reported_not_applied(orch: Orchestrator) -> None:
         orch.get("not-a-uuid")
     with pytest.raises(UnknownSagaError):
         orch.get(str(uuid.uuid4()))
+
+
+def test_only_replies_that_apply_enter_the_inbox_locked_and_recorded_in_one_round_trip(
+    engine: Engine, clock: Clock, tmp_path: Any
+) -> None:
+    orch = Orchestrator(engine, registry(), clock=clock)
+    saga_id = orch.start("order", DATA, version=1)
+    good = reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r-1"})
+    problems = {
+        "no saga": reply(str(uuid.uuid4()), "reserve", "succeeded"),
+        # Registered, but not the version this saga runs: only its row can tell.
+        "names saga order v2": Envelope(
+            **{**good.to_dict(), "message_id": str(uuid.uuid4()), "version": 2}
+        ),
+        "not a reply": Envelope(
+            **{**good.to_dict(), "message_id": str(uuid.uuid4()), "kind": "command"}
+        ),
+    }
+    # The pool holds one connection (the start's): handle_replies takes it again.
+    trace_file = tmp_path / "protocol.txt"
+    with engine.connect() as conn:
+        raw = driver(conn)
+        raw.pgconn.trace(os.open(trace_file, os.O_WRONLY | os.O_CREAT))
+        raw.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+    try:
+        outcomes = orch.handle_replies([*problems.values(), good])
+    finally:
+        raw.pgconn.untrace()
+    for (problem, _), outcome in zip(problems.items(), outcomes, strict=False):
+        assert outcome.status == "rejected" and problem in outcome.note, outcome
+    assert outcomes[-1].status == "applied"
+    with engine.connect() as conn:
+        recorded = conn.scalars(select(reply_inbox.c.message_id)).all()
+    assert recorded == [good.message_id]
+    # BEGIN; the lock with the inbox insert; the saga, history and outbox with COMMIT
+    # (besides the pool's pre-ping, an empty query).
+    exchanged = trace_file.read_text()
+    assert exchanged.count("ReadyForQuery") - exchanged.count('Query\t ";"') == 3, exchanged
+    # The same replies again: the good one is a duplicate, the others still rejected.
+    again = orch.handle_replies([*problems.values(), good])
+    assert [o.status for o in again] == ["rejected"] * 3 + ["duplicate"]
 
 
 def test_the_outbox_wakes_relays_at_most_once_per_interval(engine: Engine, clock: Clock) -> None:
