@@ -119,6 +119,19 @@ def test_start_in_the_callers_transaction_commits_or_rolls_back_with_it(
     assert orch.get(saga_id).row.status == "running"
     assert count(engine, outbox) == 1
 
+    # With a key, as README shows: the same saga for the same order, in either
+    # transaction, and nothing of a rolled back one.
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o-2"))
+        orch.start("order", DATA, idempotency_key="o-2", connection=conn)
+        raise RuntimeError("the caller fails after starting the saga")
+    with engine.begin() as conn:
+        conn.execute(orders.insert().values(id="o-2"))
+        keyed = orch.start("order", DATA, idempotency_key="o-2", connection=conn)
+        assert orch.start("order", DATA, idempotency_key="o-2", connection=conn) == keyed
+    assert orch.start("order", DATA, idempotency_key="o-2") == keyed
+    assert count(engine, saga) == count(engine, history) == count(engine, outbox) == 2
+
 
 @pytest.mark.parametrize("key", [None, "order-7"])
 def test_a_start_is_one_round_trip_and_leaves_the_pool_transactional(
