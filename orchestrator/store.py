@@ -194,30 +194,6 @@ def _row(r: Any) -> SagaRow:
     return SagaRow(*r)
 
 
-def insert_saga(
-    conn: Connection,
-    *,
-    saga_id: str,
-    name: str,
-    version: int,
-    status: str,
-    state: Mapping[str, Any],
-    wake_at: float | None,
-    idempotency_key: str | None,
-) -> bool:
-    """Insert a new saga; False when one with this (name, idempotency key) exists."""
-    params = _saga_params(
-        saga_id=saga_id,
-        name=name,
-        version=version,
-        status=status,
-        state=state,
-        wake_at=wake_at,
-        idempotency_key=idempotency_key,
-    )
-    return conn.exec_driver_sql(INSERT_SAGA, params).first() is not None
-
-
 @dataclass(frozen=True, slots=True)
 class NewSaga:
     """A saga as its start writes it: its row, and its first history row ``started``."""
@@ -441,12 +417,9 @@ def lock_and_record(
         "r_names": [k.name for k in keys],
         "r_versions": [k.version for k in keys],
     }
-    rows: dict[str, SagaRow] = {}
-    fresh: set[str] = set()
-    for r in conn.exec_driver_sql(LOCK_AND_RECORD, params):
-        rows[r[0]] = _row(r[:-1])
-        fresh = set(r[-1] or ())
-    return rows, fresh
+    found = conn.exec_driver_sql(LOCK_AND_RECORD, params).all()
+    fresh = set(found[0][-1] or ()) if found else set()
+    return {r[0]: _row(r[:-1]) for r in found}, fresh
 
 
 # The cold paths (operator commands, listings, checks) keep Core statements.

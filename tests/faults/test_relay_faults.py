@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -225,17 +226,26 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
         ).fetchone()
     assert row is not None and row[0] > 0, "the leader's session is not on TCP"
     rule = ["INPUT", "-p", "tcp", "-i", "lo", "--sport", str(row[0]), "-j", "DROP"]
+    # Until the standby leads, no new session reaches PostgreSQL either: the old
+    # leader's own keepalives end its session about when PostgreSQL's end the other
+    # side, and from a new session it would race the standby for the lock, as a leader
+    # cut off by the network could not (it won once in CI).
+    port = urlsplit(db_url).port or 5432
+    no_new_sessions = ["INPUT", "-p", "tcp", "-i", "lo", "--dport", str(port), "--syn"]
+    no_new_sessions += ["-j", "DROP"]
     rows = make_rows(200)
-    faults.block(rule)
     announcing = threading.Event()
+    # Writers' NOTIFYs keep flowing to the silent session: unacknowledged data, so its
+    # end comes from tcp_user_timeout, not from keepalives alone.
+    announcer = psycopg.connect(db_url, autocommit=True)
 
     def announce() -> None:
-        # Writers' NOTIFYs keep flowing to the silent session: unacknowledged data,
-        # so its end comes from tcp_user_timeout, not from keepalives alone.
-        with psycopg.connect(db_url, autocommit=True) as conn:
+        with announcer:
             while not announcing.wait(0.3):
-                conn.execute("SELECT pg_notify('sagabox_outbox', '')")
+                announcer.execute("SELECT pg_notify('sagabox_outbox', '')")
 
+    faults.block(rule)
+    faults.block(no_new_sessions)
     notifier = threading.Thread(target=announce, daemon=True)
     notifier.start()
     try:
@@ -244,6 +254,7 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
         took = time.monotonic() - silenced
         # 11 s: keepalives (5 s idle, then 3 probes 2 s apart) or the user timeout
         assert 8 < took < 30, took
+        faults.unblock(no_new_sessions)
         announcing.set()
         write_rows(db_url, rows)
         wait_until(lambda: outbox_count(db_url) == 0, 30, "the new leader to drain")
@@ -256,6 +267,7 @@ def test_a_silent_leader_loses_the_lead_to_the_standby_within_the_keepalives(
         assert leads(db_url)
     finally:
         announcing.set()
+        faults.unblock(no_new_sessions)
         faults.unblock(rule)
         for process in (first, second):
             if process.poll() is None:
