@@ -117,7 +117,8 @@ class OutboxWriter:
         self, messages: Sequence[OutgoingMessage], *, along: Along | None = None
     ) -> tuple[str, dict[str, Any]] | None:
         """What ``write`` runs (SQL and parameters), for a caller that runs it later in
-        the same transaction (roundtrips.Tail); None if there is nothing to run."""
+        the same transaction (roundtrips.Tail); None if there is nothing to run. With a
+        ``guarded`` ``along`` it returns one row, whose last column the caller reads."""
         if not messages:
             if along is not None:
                 return along.alone(), dict(along.params)
