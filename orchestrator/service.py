@@ -21,11 +21,13 @@ import pika
 import pika.exceptions
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from orchestrator import metrics
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import StoreError
+from outbox_relay.consuming import CallbackConsumer, ChannelSpec
 from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, decode
@@ -77,6 +79,9 @@ class ReplyConsumer:
     failpoints: Failpoints = NO_FAILPOINTS
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _pending: list[_Delivery] = field(default_factory=list, init=False)
+    _consumer: CallbackConsumer = field(init=False)
+    _next_timers: float = field(default=0.0, init=False)
+    _next_purge: float = field(default=0.0, init=False)
 
     def stop(self, *_: Any) -> None:
         self._stopping.set()
@@ -97,38 +102,41 @@ class ReplyConsumer:
 
     def _run_connected(self) -> None:
         params = pika.URLParameters(self.amqp_url)
-        connection = pika.BlockingConnection(params)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            declare_reply_queue(channel, self.queue, self.topology)
+        with contextlib.closing(pika.BlockingConnection(params)) as setup:
+            declare_reply_queue(setup.channel(), self.queue, self.topology)
+        self._next_timers = 0.0
+        self._next_purge = time.monotonic() + min(self.purge_interval, 5.0)
+        self._consumer = CallbackConsumer(
+            params,
             # Enough in flight to fill two batches while one is being committed.
-            channel.basic_qos(prefetch_count=self.batch_size * 2)
-            channel.basic_consume(self.queue, self._on_message)
-            log.info("orchestrator_consuming", queue=self.queue)
-            next_timers = 0.0
-            next_purge = time.monotonic() + min(self.purge_interval, 5.0)
-            while not self._stopping.is_set():
-                now = time.monotonic()
-                if now >= next_purge:
-                    self._purge_replies()
-                    behind = self.saga_retention > 0 and self._purge_sagas()
-                    # A backlog of expired sagas goes in slices, a second apart.
-                    next_purge = time.monotonic() + (1.0 if behind else self.purge_interval)
-                if now >= next_timers:
-                    self._fire_timers()
-                    next_timers = time.monotonic() + self.timer_interval
-                wait = 0.0 if self._pending else max(0.0, min(next_timers - now, 0.25))
-                connection.process_data_events(time_limit=wait)
-                if self._pending:
-                    self._handle_batch(channel)
-        finally:
-            if connection.is_open:
-                with contextlib.suppress(pika.exceptions.AMQPError):
-                    connection.close()
+            [ChannelSpec(self.batch_size * 2, [(self.queue, self._on_message)])],
+            work=self._work,
+            tick=self._tick,
+            stopping=self._stopping,
+        )
+        self._consumer.run(on_ready=lambda: log.info("orchestrator_consuming", queue=self.queue))
+
+    def _work(self) -> None:
+        if self._pending:
+            self._handle_batch(self._consumer.channel(0))
+            if self._pending:
+                self._consumer.schedule()
+
+    def _tick(self) -> float:
+        """Purges and timers, on the consuming thread; the seconds until the next tick."""
+        now = time.monotonic()
+        if now >= self._next_purge:
+            self._purge_replies()
+            behind = self.saga_retention > 0 and self._purge_sagas()
+            # A backlog of expired sagas goes in slices, a second apart.
+            self._next_purge = time.monotonic() + (1.0 if behind else self.purge_interval)
+        if now >= self._next_timers:
+            self._fire_timers()
+            self._next_timers = time.monotonic() + self.timer_interval
+        return max(0.0, min(self._next_timers - time.monotonic(), 0.25))
 
     def _on_message(
-        self, _: BlockingChannel, method: Basic.Deliver, __: BasicProperties, body: bytes
+        self, _: Channel, method: Basic.Deliver, __: BasicProperties, body: bytes
     ) -> None:
         delivery = _Delivery(method.delivery_tag, body, redelivered=bool(method.redelivered))
         try:
@@ -136,8 +144,9 @@ class ReplyConsumer:
         except MessageError as e:
             delivery.error = str(e)
         self._pending.append(delivery)
+        self._consumer.schedule()
 
-    def _handle_batch(self, channel: BlockingChannel) -> None:
+    def _handle_batch(self, channel: Channel) -> None:
         batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
         good = [d for d in batch if d.envelope is not None]
         while True:
@@ -160,18 +169,41 @@ class ReplyConsumer:
             metrics.REDELIVERED.inc(redelivered)
         metrics.record_outcomes(outcomes, undecodable=len(batch) - len(good))
         rejected = {o.message_id: o.note for o in outcomes if o.status == "rejected"}
-        for d in batch:
-            reason = d.error or (rejected.get(d.envelope.message_id, "") if d.envelope else "")
-            if reason:
-                self._dead_letter(channel, d, reason)
+        parked = [(d, reason) for d in batch if (reason := _reason(d, rejected))]
+        if parked:
+            self._dead_letter(parked)
         self.failpoints("orchestrator.after_commit_before_ack")
         channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
         if self.on_batch is not None:
             self.on_batch(len(batch))
 
-    def _dead_letter(self, channel: BlockingChannel, delivery: _Delivery, reason: str) -> None:
-        """Park a reply that cannot be applied in ``<queue>.XQ``, with the (redacted) reason."""
-        reason = redact_text(reason)
+    def _dead_letter(self, parked: list[tuple[_Delivery, str]]) -> None:
+        """Park replies that cannot be applied in ``<queue>.XQ``, with the (redacted)
+        reasons, confirmed by RabbitMQ before the batch is acked.
+
+        They are rare, so they go on a blocking connection opened for them, whose
+        publish returns once confirmed: on the consuming connection the ack would have
+        to wait for the confirms in a callback of its own.
+        """
+        parked = [(delivery, redact_text(reason)) for delivery, reason in parked]
+        for delivery, reason in parked:
+            self._log_dead_letter(delivery, reason)
+        params = pika.URLParameters(self.amqp_url)
+        with contextlib.closing(pika.BlockingConnection(params)) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for delivery, reason in parked:
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=f"{self.queue}.XQ",
+                    body=delivery.body,
+                    properties=pika.BasicProperties(
+                        delivery_mode=2, headers={"x-sagabox-error": reason[:1000]}
+                    ),
+                )
+
+    @staticmethod
+    def _log_dead_letter(delivery: _Delivery, reason: str) -> None:
         envelope = delivery.envelope
         context = (
             {
@@ -188,14 +220,6 @@ class ReplyConsumer:
         )
         log.error("reply_dead_lettered", reason=reason, **context)
         metrics.DEAD_LETTERED.inc()
-        channel.basic_publish(
-            exchange="",
-            routing_key=f"{self.queue}.XQ",
-            body=delivery.body,
-            properties=pika.BasicProperties(
-                delivery_mode=2, headers={"x-sagabox-error": reason[:1000]}
-            ),
-        )
 
     def _purge_replies(self) -> None:
         """Keep the reply inbox bounded; short transactions, so replies keep flowing."""
@@ -235,3 +259,10 @@ class ReplyConsumer:
                     break
         except StoreError as e:
             log.warning("timers_failed", error=str(e))
+
+
+def _reason(delivery: _Delivery, rejected: dict[str, str]) -> str:
+    """Why a reply of a batch is dead-lettered ("" if it is not)."""
+    if delivery.error or delivery.envelope is None:
+        return delivery.error
+    return rejected.get(delivery.envelope.message_id, "")

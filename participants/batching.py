@@ -29,7 +29,7 @@ import heapq
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pika
 import pika.exceptions
@@ -40,11 +40,13 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.errors import ActorNotFound, DecodeError
 from dramatiq.middleware import Retries
-from pika.adapters.blocking_connection import BlockingChannel
+from pika.channel import Channel
+from pika.connection import Parameters
 from pika.spec import Basic, BasicProperties
 from prometheus_client import Counter, Histogram
 from structlog.contextvars import bound_contextvars
 
+from outbox_relay.consuming import CallbackConsumer, ChannelSpec
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
 from participants.broker import malformed
@@ -123,6 +125,8 @@ class BatchWorker:
         # Delayed messages (retries) held until their eta: (eta, order, tag, message).
         self._delayed: list[tuple[int, int, int, Message[Any]]] = []
         self._order = itertools.count()
+        self._attempts = itertools.count()
+        self._consumer: CallbackConsumer
 
     @property
     def queues(self) -> list[str]:
@@ -172,26 +176,47 @@ class BatchWorker:
             del self.broker.connection
 
     def _run_connected(self) -> None:
-        # The broker's connection for this thread: Retries' enqueue (to the delay
-        # queue) and the delayed messages' re-enqueue publish on it, with confirms.
-        connection: pika.BlockingConnection = self.broker.connection
+        # dramatiq's connection for this thread declares the queues and publishes with
+        # confirms what Retries enqueues (to the delay queue) and the delayed messages
+        # that are due; the deliveries come on a connection of their own, on pika's
+        # callback adapter (outbox_relay/consuming.py says why).
         for queue in self.queues:
             self.broker.declare_queue(queue, ensure=True)
-        work = connection.channel()
-        work.basic_qos(prefetch_count=self.batch_size * 2)
-        delays = connection.channel()
-        # As dramatiq's delay consumers: delayed messages wait here, not in RabbitMQ.
-        delays.basic_qos(prefetch_count=65535)
-        for queue in self.queues:
-            work.basic_consume(queue, self._on_message)
-            delays.basic_consume(dq_name(queue), self._on_delayed)
-        log.info("participant_consuming", queues=self.queues, batch_size=self.batch_size)
-        while not self._stopping.is_set():
-            wait = 0.0 if self._pending else self._idle()
-            connection.process_data_events(time_limit=wait)
-            self._release_due(delays)
+        self._consumer = CallbackConsumer(
+            self._parameters(),
+            [
+                ChannelSpec(self.batch_size * 2, [(q, self._on_message) for q in self.queues]),
+                # As dramatiq's delay consumers: delayed messages wait here, not in RabbitMQ.
+                ChannelSpec(65535, [(dq_name(q), self._on_delayed) for q in self.queues]),
+            ],
+            work=self._work,
+            tick=self._tick,
+            stopping=self._stopping,
+        )
+        self._consumer.run(
+            on_ready=lambda: log.info(
+                "participant_consuming", queues=self.queues, batch_size=self.batch_size
+            )
+        )
+
+    def _parameters(self) -> Parameters:
+        parameters = self.broker.parameters
+        if isinstance(parameters, list | tuple):
+            # Several brokers' URLs: the next one at each connection, as pika's
+            # BlockingConnection tries them in turn.
+            parameters = parameters[next(self._attempts) % len(parameters)]
+        return cast(Parameters, parameters)
+
+    def _work(self) -> None:
+        self._release_due()
+        if self._pending:
+            self._handle_batch(self._consumer.channel(0))
             if self._pending:
-                self._handle_batch(work)
+                self._consumer.schedule()
+
+    def _tick(self) -> float:
+        self._release_due()
+        return self._idle()
 
     def _idle(self) -> float:
         if not self._delayed:
@@ -200,14 +225,15 @@ class BatchWorker:
         return max(0.0, min(due_in, self.idle_timeout))
 
     def _on_message(
-        self, _: BlockingChannel, method: Basic.Deliver, __: BasicProperties, body: bytes
+        self, _: Channel, method: Basic.Deliver, __: BasicProperties, body: bytes
     ) -> None:
         self._pending.append(
             _Delivery(method.delivery_tag, method.routing_key, body, bool(method.redelivered))
         )
+        self._consumer.schedule()
 
     def _on_delayed(
-        self, channel: BlockingChannel, method: Basic.Deliver, __: BasicProperties, body: bytes
+        self, channel: Channel, method: Basic.Deliver, __: BasicProperties, body: bytes
     ) -> None:
         message = _decode(body, method.routing_key)
         if message is None:
@@ -218,8 +244,11 @@ class BatchWorker:
             eta = current_millis()
         heapq.heappush(self._delayed, (int(eta), next(self._order), method.delivery_tag, message))
 
-    def _release_due(self, channel: BlockingChannel) -> None:
+    def _release_due(self) -> None:
         """Move delayed messages whose eta has passed to their queue (as dramatiq does)."""
+        if not self._delayed:
+            return
+        channel = self._consumer.channel(1)
         now = current_millis()
         while self._delayed and self._delayed[0][0] <= now:
             _, _, tag, message = heapq.heappop(self._delayed)
@@ -228,7 +257,7 @@ class BatchWorker:
             self.broker.enqueue(ready)
             channel.basic_ack(tag)
 
-    def _handle_batch(self, channel: BlockingChannel) -> None:
+    def _handle_batch(self, channel: Channel) -> None:
         batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
         settled = _Settled()
         groups: dict[str, list[_Item]] = {}

@@ -1,0 +1,211 @@
+"""One thread's consumer on pika's callback adapter: deliveries in, batches handed over.
+
+The orchestrator's ``ReplyConsumer`` and the participants' ``BatchWorker`` consume on
+this loop instead of a ``BlockingConnection``. Both handle what arrived together in one
+transaction, then ack it; neither needs the blocking adapter's calls that wait for an
+answer. That adapter costs a consumer about 70 to 100 us more CPU per delivery
+(docs/benchmarks.md, "Latest"): each ``process_data_events`` arms and cancels a timer
+and queues every delivery as an event to dispatch, and each ack polls the socket until
+it is written. Here a delivery goes straight to its callback, and an ack waits in
+pika's buffer for the loop's next pass.
+
+How a pass goes: pika reads what the socket holds and calls ``on_message`` for each
+delivery; the callback keeps it and calls ``schedule()``; the scheduled ``work`` runs
+once the read is over, so it sees every delivery of that read (the batch). ``tick``
+runs every so often (its return value says when next) for what the thread does besides
+(timers, purges, delayed messages) and to notice ``stopping``. Exceptions raised by
+``work`` or ``tick`` end ``run()``: the connection is closed first, so that the
+unacked deliveries go back to their queues, and the exception is raised to the caller,
+who reconnects as it did with the blocking adapter.
+
+Everything here runs on the thread that called ``run()``; only ``stopping`` is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pika
+import pika.exceptions
+from pika.channel import Channel
+from pika.connection import Connection, Parameters
+from pika.spec import Basic, BasicProperties
+
+T = TypeVar("T")
+OnMessage = Callable[[Channel, Basic.Deliver, BasicProperties, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """A channel to open: its prefetch, and what it consumes (queue, callback)."""
+
+    prefetch: int
+    consume: Sequence[tuple[str, OnMessage]]
+
+
+class CallbackConsumer:
+    """Consumes on one ``SelectConnection`` until ``stopping`` is set or the connection is lost."""
+
+    def __init__(
+        self,
+        parameters: Parameters,
+        channels: Sequence[ChannelSpec],
+        *,
+        work: Callable[[], None],
+        tick: Callable[[], float],
+        stopping: threading.Event,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.parameters = parameters
+        self.specs = list(channels)
+        self.work = work
+        self.tick = tick
+        self.stopping = stopping
+        self.close_timeout = close_timeout
+        self._channels: dict[int, Channel] = {}
+        self._connection: pika.SelectConnection | None = None
+        self._scheduled = False
+        self._error: BaseException | None = None
+        self._closing = False
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Connect, consume, call ``work`` and ``tick`` as they are due; return once
+        ``stopping`` is set, raise what ended the connection otherwise."""
+        self._on_ready = on_ready
+        self._scheduled = self._closing = False
+        self._error = None
+        self._channels = {}
+        connection = pika.SelectConnection(
+            self.parameters,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_close,
+        )
+        self._connection = connection
+        try:
+            connection.ioloop.start()
+        finally:
+            if not connection.is_closed:
+                # Only an exception of pika's own ends the loop with the connection
+                # open; its socket goes with the connection object.
+                self._abort()
+            self._connection = None
+            self._channels = {}
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def channel(self, index: int) -> Channel:
+        """The open channel of ``channels[index]``."""
+        return self._channels[index]
+
+    def schedule(self) -> None:
+        """Run ``work`` once what the socket held has been read (at most once per pass)."""
+        if not self._scheduled and self._connection is not None:
+            self._scheduled = True
+            self._connection.ioloop.call_later(0, self._work)
+
+    # -- the loop's callbacks ----------------------------------------------------------
+
+    def _on_open(self, connection: Connection) -> None:
+        for index in range(len(self.specs)):
+            connection.channel(on_open_callback=lambda ch, i=index: self._on_channel(i, ch))
+
+    def _on_open_error(self, _: Connection, error: BaseException | str) -> None:
+        self._error = (
+            error
+            if isinstance(error, BaseException)
+            else pika.exceptions.AMQPConnectionError(error)
+        )
+        self._stop_loop()
+
+    def _on_close(self, _: Connection, reason: BaseException) -> None:
+        if not self._closing and self._error is None:
+            self._error = reason
+        self._stop_loop()
+
+    def _on_channel(self, index: int, channel: Channel) -> None:
+        channel.add_on_close_callback(self._on_channel_closed)
+        spec = self.specs[index]
+        channel.basic_qos(
+            prefetch_count=spec.prefetch,
+            callback=lambda _: self._on_qos(index, channel),
+        )
+
+    def _on_qos(self, index: int, channel: Channel) -> None:
+        for queue, callback in self.specs[index].consume:
+            channel.basic_consume(queue, callback)
+        self._channels[index] = channel
+        if len(self._channels) == len(self.specs):
+            if self._on_ready is not None:
+                self._guarded(self._on_ready)
+            self._tick()
+
+    def _on_channel_closed(self, _: Channel, reason: BaseException) -> None:
+        # A channel closed by the broker (a queue deleted, a protocol error): start over.
+        if not self._closing:
+            self._fail(reason)
+
+    def _work(self) -> None:
+        self._scheduled = False
+        self._guarded(self.work)
+
+    def _tick(self) -> None:
+        if self._closing:
+            return
+        if self.stopping.is_set():
+            self._close()
+            return
+        delay = self._guarded(self.tick)
+        if delay is not None and self._connection is not None and not self._closing:
+            self._connection.ioloop.call_later(max(0.0, delay), self._tick)
+
+    def _guarded(self, call: Callable[[], T]) -> T | None:
+        if self._closing:
+            return None
+        try:
+            return call()
+        except BaseException as e:  # raised by run() once the connection is closed
+            self._fail(e)
+            return None
+
+    # -- ending ------------------------------------------------------------------------
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._close()
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        connection = self._connection
+        if connection is None:
+            return
+        if connection.is_closed:
+            self._stop_loop()
+            return
+        # _on_close stops the loop once the broker answered, or once the socket is
+        # dropped: a broker that does not answer (the network cut) must not hold us.
+        connection.ioloop.call_later(self.close_timeout, self._abort)
+        if connection.is_open:
+            connection.close()
+        else:
+            with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
+                connection.close()
+
+    def _abort(self) -> None:
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                # pika has no public abort; this drops the socket and calls _on_close.
+                connection._adapter_disconnect_stream()
+
+    def _stop_loop(self) -> None:
+        if self._connection is not None:
+            self._connection.ioloop.stop()
