@@ -3,11 +3,11 @@
 The orchestrator's ``ReplyConsumer`` and the participants' ``BatchWorker`` consume on
 this loop instead of a ``BlockingConnection``. Both handle what arrived together in one
 transaction, then ack it; neither needs the blocking adapter's calls that wait for an
-answer. That adapter costs a consumer about 70 to 100 us more CPU per delivery
-(docs/benchmarks.md, "Latest"): each ``process_data_events`` arms and cancels a timer
-and queues every delivery as an event to dispatch, and each ack polls the socket until
-it is written. Here a delivery goes straight to its callback, and an ack waits in
-pika's buffer for the loop's next pass.
+answer. That adapter costs a consumer 50 to 120 us more CPU per delivery
+(docs/benchmarks.md, "30 November 2026, 19:45 UTC"): each ``process_data_events`` arms
+and cancels a timer and queues every delivery as an event to dispatch, and each ack
+polls the socket until it is written. Here a delivery goes straight to its callback,
+and an ack waits in pika's buffer for the loop's next pass.
 
 How a pass goes: pika reads what the socket holds and calls ``on_message`` for each
 delivery; the callback keeps it and calls ``schedule()``; the scheduled ``work`` runs
