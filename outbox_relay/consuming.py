@@ -116,9 +116,11 @@ class CallbackConsumer:
             connection.channel(on_open_callback=lambda ch, i=index: self._on_channel(i, ch))
 
     def _on_open_error(self, _: Connection, error: BaseException | str) -> None:
+        # pika may hand over its connector's own errors, which are not AMQPErrors: the
+        # callers reconnect on AMQPError, as BlockingConnection raises them.
         self._error = (
             error
-            if isinstance(error, BaseException)
+            if isinstance(error, pika.exceptions.AMQPError)
             else pika.exceptions.AMQPConnectionError(error)
         )
         self._stop_loop()
