@@ -5,8 +5,6 @@ stalls, and a saga running alongside is unaffected."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -27,7 +25,7 @@ from participants.worker import WORKERS, RetryPolicy
 from tests.corpus import command_corpus, reply_corpus
 from tests.integration.test_participant_worker import start_worker
 from tests.sagas import ORDER
-from tests.support import DATA, Clock, reply
+from tests.support import DATA, Clock, reply, wait_for
 
 pytestmark = pytest.mark.integration
 REPLIES = "sagabox.replies"
@@ -62,14 +60,6 @@ def drain_dead_letters(amqp_url: str, queue: str) -> list[tuple[bytes, dict[str,
         connection.close()
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {check.__name__}")
-        time.sleep(0.1)
-
-
 def test_the_reply_queue_dead_letters_the_whole_corpus_and_keeps_going(
     engine: Engine, amqp_url: str
 ) -> None:
@@ -93,7 +83,7 @@ def test_the_reply_queue_dead_letters_the_whole_corpus_and_keeps_going(
             letters.extend(drain_dead_letters(amqp_url, REPLIES))
             return len(letters) >= len(corpus)
 
-        wait_for(all_dead_lettered)
+        wait_for(all_dead_lettered, 60)
         assert len(letters) == len(corpus)
         assert all(headers.get("x-sagabox-error") for _, headers in letters)
         assert sorted(body for body, _ in letters) == sorted(m.body for m in corpus)
@@ -145,7 +135,7 @@ def test_a_participant_dead_letters_the_whole_corpus_and_keeps_going(
             letters.extend(drain_dead_letters(amqp_url, service))
             return len(letters) >= len(corpus)
 
-        wait_for(all_dead_lettered)
+        wait_for(all_dead_lettered, 60)
         assert len(letters) == len(corpus)
 
         def replied() -> bool:

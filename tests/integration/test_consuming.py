@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 import pika
@@ -15,6 +13,7 @@ from pika.spec import Basic, BasicProperties
 
 from outbox_relay.consuming import CallbackConsumer, ChannelSpec
 from tests.servers import rabbitmqctl
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 QUEUE = "consuming.test"
@@ -34,15 +33,6 @@ def in_queue(amqp_url: str) -> int:
     with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         declared = connection.channel().queue_declare(QUEUE, passive=True)
         return int(declared.method.message_count)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 class Recorder:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
@@ -27,6 +26,7 @@ from participants.broker import ParticipantBroker
 from participants.tables import command_inbox
 from participants.testing import command
 from participants.worker import WORKERS, RetryPolicy
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -143,14 +143,6 @@ def replies(engine: Engine, saga_id: str) -> list[Envelope]:
             .order_by(outbox.c.id)
         ).scalars()
         return [decode(body) for body in bodies]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {check}")
-        time.sleep(0.05)
 
 
 def test_a_command_from_rabbitmq_is_answered_with_its_context_logged(

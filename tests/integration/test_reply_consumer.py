@@ -15,7 +15,7 @@ from orchestrator import Orchestrator
 from orchestrator.service import ReplyConsumer, declare_reply_queue
 from orchestrator.tables import history
 from outbox_relay.message import REPLY_ACTOR, Envelope, encode
-from tests.support import DATA, Clock, reply
+from tests.support import DATA, Clock, reply, wait_for
 
 pytestmark = pytest.mark.integration
 QUEUE = "sagabox.replies"
@@ -50,15 +50,6 @@ def publish(amqp_url: str) -> Iterator[Callable[[bytes | str], None]]:
 
 def wire(envelope: Envelope) -> str:
     return encode(envelope, queue=QUEUE, actor=REPLY_ACTOR)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def history_count(engine: Engine, saga_id: str) -> int:
