@@ -71,6 +71,7 @@ class CallbackConsumer:
         self._scheduled = False
         self._error: BaseException | None = None
         self._closing = False
+        self._on_ready: Callable[[], None] | None = None
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Connect, consume, call ``work`` and ``tick`` as they are due; return once
@@ -195,11 +196,8 @@ class CallbackConsumer:
         # _on_close stops the loop once the broker answered, or once the socket is
         # dropped: a broker that does not answer (the network cut) must not hold us.
         connection.ioloop.call_later(self.close_timeout, self._abort)
-        if connection.is_open:
-            connection.close()
-        else:
-            with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
-                connection.close()
+        with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
+            connection.close()  # refused if pika is already closing it: _on_close comes
 
     def _abort(self) -> None:
         connection = self._connection
