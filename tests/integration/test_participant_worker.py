@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import pika
@@ -42,6 +43,17 @@ def ok(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
     structlog.get_logger().info("handler_ran")
     with calls_lock:
         ok_calls.append(ctx.message_id)
+    return {"ok": True}
+
+
+gate_entered, gate_open = threading.Event(), threading.Event()
+
+
+@flaky.command("flaky_gate")
+def gate(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+    # Holds the batch worker's thread while a test queues the commands of its next pass.
+    gate_entered.set()
+    gate_open.wait(15)
     return {"ok": True}
 
 
@@ -335,28 +347,53 @@ def sample(name: str) -> float:
     return value or 0.0
 
 
-def run_batch(broker: ParticipantBroker, check: Callable[[], bool]) -> None:
+def run_batch(
+    broker: ParticipantBroker,
+    check: Callable[[], bool],
+    together: Sequence[Envelope] = (),
+    amqp_url: str = "",
+) -> None:
+    """Run a batch worker until ``check`` holds. ``together`` reach it as one pass: they
+    are queued while a gate command holds its thread, so they wait in its socket and
+    come in one read (commands queued before it connects may come in several)."""
     worker = BatchWorker(broker, batch_size=16, idle_timeout=0.05)
+    gate_entered.clear()
+    gate_open.clear()
     worker.start()
     try:
+        if together:
+            publish(amqp_url, encode(command("flaky_gate"), queue=QUEUE, actor="flaky_gate"))
+            wait_for(gate_entered.is_set)
+            for cmd in together:
+                publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
+            wait_for(lambda: queue_depth(amqp_url) == 0)  # all sent to the worker
+            time.sleep(0.1)
+            gate_open.set()
         wait_for(check)
     finally:
+        gate_open.set()
         worker.stop()
+
+
+def queue_depth(amqp_url: str) -> int:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        return int(connection.channel().queue_declare(QUEUE, passive=True).method.message_count)
 
 
 def test_waiting_commands_are_applied_in_one_transaction(
     batch_broker: ParticipantBroker, engine: Engine, amqp_url: str
 ) -> None:
     commands = [command("flaky_ok") for _ in range(6)]
-    for cmd in commands:
-        publish(amqp_url, encode(cmd, queue=QUEUE, actor="flaky_ok"))
     ids = [c.correlation_id for c in commands]
     batches, applied = sample("batch_size_count"), sample("batch_size_sum")
-    run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+    run_batch(
+        batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids), commands, amqp_url
+    )
     rows = inbox_rows(engine, ids)
     assert len(rows) == 6
     assert len({received_at for _, _, received_at in rows}) == 1, "not one transaction"
-    assert (sample("batch_size_count") - batches, sample("batch_size_sum") - applied) == (1, 6)
+    # The gate's batch of one, then the six in one.
+    assert (sample("batch_size_count") - batches, sample("batch_size_sum") - applied) == (2, 7)
 
 
 def test_a_refusal_in_a_batch_keeps_the_others_and_undoes_only_its_effects(
@@ -368,10 +405,13 @@ def test_a_refusal_in_a_batch_keeps_the_others_and_undoes_only_its_effects(
         command("flaky_refuse", {"marker": marker}),
         command("flaky_ok"),
     )
-    for cmd in (first, refused, last):
-        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
     ids = [first.correlation_id, refused.correlation_id, last.correlation_id]
-    run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+    run_batch(
+        batch_broker,
+        lambda: all(len(replies(engine, i)) == 1 for i in ids),
+        (first, refused, last),
+        amqp_url,
+    )
     assert [replies(engine, i)[0].type for i in ids] == ["succeeded", "failed", "succeeded"]
     assert replies(engine, marker) == [], "the refused handler's effect stayed"
     rows = inbox_rows(engine, ids)
@@ -390,11 +430,11 @@ def test_refusals_in_a_batch_run_its_handlers_at_most_twice(
         command("flaky_refuse", {"marker": marker}) if i in (1, 5, 9) else command("flaky_ok")
         for i in range(12)
     ]
-    for cmd in commands:
-        publish(amqp_url, encode(cmd, queue=QUEUE, actor=cmd.type))
     ids = [c.correlation_id for c in commands]
     ok_calls.clear()
-    run_batch(batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids))
+    run_batch(
+        batch_broker, lambda: all(len(replies(engine, i)) == 1 for i in ids), commands, amqp_url
+    )
     assert len({r[2] for r in inbox_rows(engine, ids)}) == 1, "not one batch"
     assert [replies(engine, i)[0].type for i in ids] == [
         "failed" if c.type == "flaky_refuse" else "succeeded" for c in commands
