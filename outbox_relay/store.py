@@ -82,12 +82,17 @@ DELETE = "DELETE FROM sagabox.outbox WHERE id = ANY($1)"
 # autocommit round trip, where a claim that finds nothing costs two (BEGIN; claim,
 # then COMMIT). Looser than CLAIM (it ignores the order of a correlation id's rows):
 # it may send the relay to a claim that finds nothing, never keep it from one.
+# A row, not EXISTS: PostgreSQL drops the ORDER BY of an EXISTS subquery, and with no
+# order to keep nor index condition it scans the heap from its first page, through
+# every row deleted since the last vacuum (0.2 to 0.45 ms a poll under load); walking
+# the primary key skips them once each was seen dead.
 CLAIMABLE = """
-SELECT EXISTS (
-  SELECT 1 FROM sagabox.outbox o
-  WHERE o.parked_at IS NULL
-    AND (o.available_at IS NULL OR o.available_at <= now())
-    AND o.id <> ALL($1))
+SELECT o.id FROM sagabox.outbox o
+WHERE o.parked_at IS NULL
+  AND (o.available_at IS NULL OR o.available_at <= now())
+  AND o.id <> ALL($1)
+ORDER BY o.id
+LIMIT 1
 """
 
 # Prepared once per claiming connection (SQL-level, so a simple query can run them).
@@ -181,8 +186,7 @@ async def claimable(conn: AsyncConn, held: Collection[int]) -> bool:
     array = ",".join(str(int(i)) for i in held)
     # SQL-prepared already: psycopg preparing the EXECUTE again would add nothing.
     cur = await conn.execute(f"EXECUTE sagabox_claimable('{{{array}}}')", prepare=False)
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    return await cur.fetchone() is not None
 
 
 async def delete_and_commit(conn: AsyncConn, ids: Sequence[int]) -> None:

@@ -15,7 +15,7 @@ import pika.exceptions
 from orchestrator.engine import Orchestrator
 from orchestrator.metrics import SagaGauges, deadlines
 from orchestrator.service import ReplyConsumer
-from orchestrator.store import make_engine
+from orchestrator.store import SERVICE_OPTIONS, make_engine
 from outbox_relay.failpoints import Failpoints
 from sagabox import health, logs, metrics, signals
 from sagabox.registry import load_registry
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     )
     # The consumer retries a batch that failed, so a stale pooled connection after a
     # database restart costs one retry; checking every checkout costs a round trip each.
-    engine = make_engine(settings.database_url, pre_ping=False)
+    engine = make_engine(settings.database_url, pre_ping=False, options=SERVICE_OPTIONS)
     orchestrator = Orchestrator(
         engine,
         load_registry(settings.sagas),
@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     )
     signals.on_signals(lambda _: consumer.stop())
     if settings.metrics_port:
+        # Counting every saga wants a sequential scan, which SERVICE_OPTIONS rules out.
         SagaGauges(
-            engine,
+            make_engine(settings.database_url, pool_size=1),
             interval=settings.metrics_interval,
             long_running_after=settings.long_running_seconds,
             deadlines=deadlines(orchestrator.registry),

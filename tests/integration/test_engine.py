@@ -25,10 +25,12 @@ from orchestrator import (
     StoreError,
     UnknownSagaError,
     make_engine,
+    store,
 )
 from orchestrator.machine import command_id
 from orchestrator.metrics import SagaGauges, deadlines
 from orchestrator.service import ReplyConsumer
+from orchestrator.store import SERVICE_OPTIONS
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.message import Envelope, decode
 from outbox_relay.roundtrips import driver
@@ -172,6 +174,51 @@ def test_a_start_is_one_round_trip_and_leaves_the_pool_transactional(
             assert conn.exec_driver_sql("SELECT to_regclass('pg_temp.t')").scalar() is None
     finally:
         eng.dispose()
+
+
+def test_a_batch_update_planned_on_a_small_table_still_reads_its_sagas_by_key(
+    orch: Orchestrator, db_url: str
+) -> None:
+    # The reply consumer's statements are prepared, and PostgreSQL keeps a generic plan
+    # until the table is analyzed again: one made while the table was small must not
+    # read every saga once the table has grown.
+    saga_ids = [orch.start("order", DATA) for _ in range(2)]
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE sagabox.saga SET (autovacuum_enabled = false)")
+        admin.execute("ANALYZE sagabox.saga")
+    service = make_engine(db_url, pool_size=1, pre_ping=False, options=SERVICE_OPTIONS)
+
+    def change(saga_id: str, revision: int) -> dict[str, Any]:
+        return {"id": saga_id, "status": "running", "state": {}, "wake_at": None,
+                "revision": revision}  # fmt: skip
+
+    try:
+        with service.connect() as conn:
+            for revision in range(2, 14):
+                store.update_sagas(conn, [change(saga_ids[0], revision)])
+                conn.commit()
+            with psycopg.connect(db_url, autocommit=True) as admin:
+                admin.execute(
+                    "INSERT INTO sagabox.saga (id, name, version, status, state, revision)"
+                    " SELECT gen_random_uuid(), 'order', 1, 'completed',"
+                    " jsonb_build_object('data', repeat('x', 400)), 1"
+                    " FROM generate_series(1, 3000)"
+                )
+            # Counted since the session last reported its statistics, so read before too.
+            pages = "SELECT pg_stat_get_xact_blocks_fetched('sagabox.saga'::regclass)"
+            before = conn.exec_driver_sql(pages).scalar_one()
+            store.update_sagas(conn, [change(saga_ids[1], 2)])
+            fetched = conn.exec_driver_sql(pages).scalar_one() - before
+            generic = conn.exec_driver_sql(
+                "SELECT generic_plans FROM pg_prepared_statements"
+                " WHERE strpos(statement, 'UPDATE sagabox.saga AS s') > 0"
+            ).scalar_one()
+            conn.rollback()
+    finally:
+        service.dispose()
+    assert generic > 0, "the statement never ran on a generic plan"
+    # A sequential scan reads the table's ~270 pages.
+    assert fetched < 10, f"the update read {fetched} pages of the saga table"
 
 
 def test_bad_input_gets_a_clear_error_and_writes_nothing(
