@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from orchestrator.state import SETTLED
 from orchestrator.tables import history, reply_inbox, saga
+from outbox_relay.pooling import check_on_checkout
 from outbox_relay.table import GUARD, Along
 
 # Settings of the reply consumer's sessions (``sagabox orchestrator``). psycopg prepares
@@ -40,22 +41,25 @@ def make_engine(
 ) -> Engine:
     """An SQLAlchemy engine on psycopg 3 for the orchestrator's database.
 
-    ``pre_ping`` checks each connection before use (a round trip per transaction): right
-    for an application calling ``start``; a service that retries a failed batch anyway
-    (``sagabox orchestrator``) turns it off. ``options``: the sessions' settings
-    (libpq's ``options``), such as SERVICE_OPTIONS.
+    ``pre_ping`` replaces, before use, pooled connections whose session the server
+    ended (outbox_relay.pooling: no round trip), so that a start after a database
+    restart does not fail; a service that retries a failed batch anyway may turn it
+    off. ``options``: the sessions' settings (libpq's ``options``), such as
+    SERVICE_OPTIONS.
     """
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             url = "postgresql+psycopg://" + url.removeprefix(prefix)
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=pre_ping,
         json_serializer=_dumps,
         connect_args={} if options is None else {"options": options},
     )
+    if pre_ping:
+        check_on_checkout(engine)
+    return engine
 
 
 def _dumps(value: Any) -> str:

@@ -32,6 +32,7 @@ from structlog.contextvars import bound_contextvars
 from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
+from outbox_relay.pooling import check_on_checkout
 from outbox_relay.roundtrips import Tail
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
@@ -285,10 +286,9 @@ def build(
         config.database_url,
         pool_size=config.threads + 1,
         max_overflow=config.threads,
-        # No ping per checkout (a round trip per message): after a database restart a
-        # stale connection fails one message, which dramatiq retries on a fresh one.
-        pool_pre_ping=False,
     )
+    # Not SQLAlchemy's pre-ping, a round trip per message: a look at the socket.
+    check_on_checkout(engine)
     topology = (
         Topology(quorum=True, delivery_limit=config.quorum_delivery_limit)
         if config.quorum_queues

@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(
         "orchestrator", level=settings.log_level, log_file=args.log_file or settings.log_file
     )
-    # The consumer retries a batch that failed, so a stale pooled connection after a
-    # database restart costs one retry; checking every checkout costs a round trip each.
-    engine = make_engine(settings.database_url, pre_ping=False, options=SERVICE_OPTIONS)
+    engine = make_engine(settings.database_url, options=SERVICE_OPTIONS)
     orchestrator = Orchestrator(
         engine,
         load_registry(settings.sagas),

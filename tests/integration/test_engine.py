@@ -38,7 +38,7 @@ from outbox_relay.table import DEBOUNCING, OutboxWriter, outbox
 from participants import Context, Participant, Payload
 from participants.testing import MemoryInbox
 from tests.sagas import ORDER, registry
-from tests.support import DATA, Clock, count, reply
+from tests.support import DATA, Clock, count, reply, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +141,9 @@ def test_a_start_is_one_round_trip_and_leaves_the_pool_transactional(
 ) -> None:
     # One statement commits on its own: a BEGIN would be a wait of its own on every
     # saga's start. The pooled connection must come back to transactions as usual.
-    eng = make_engine(db_url, pool_size=1, pre_ping=False)
+    eng = make_engine(db_url, pool_size=1)
+    with eng.connect():  # pooled, so the start's checkout checks it (pre_ping)
+        pass
     trace_file = tmp_path / "protocol.txt"
     traced: list[Any] = []
 
@@ -172,6 +174,36 @@ def test_a_start_is_one_round_trip_and_leaves_the_pool_transactional(
             assert conn.in_transaction()
             conn.rollback()
             assert conn.exec_driver_sql("SELECT to_regclass('pg_temp.t')").scalar() is None
+    finally:
+        eng.dispose()
+
+
+@pytest.mark.parametrize("pre_ping", [True, False])
+def test_pooled_sessions_the_server_ended_are_replaced_before_a_start(
+    db_url: str, pre_ping: bool
+) -> None:
+    # As after a restart of the database: every pooled session ended by the server.
+    eng = make_engine(db_url, pool_size=2, pre_ping=pre_ping)
+    try:
+        orch = Orchestrator(eng, Registry([ORDER]))
+        with eng.connect(), eng.connect():
+            pass
+        orch.start("order", DATA)
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            others = (
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            ended = admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) o").fetchall()
+            assert len(ended) == 2
+            wait_for(lambda: not admin.execute(others).fetchall())
+        if pre_ping:
+            orch.start("order", DATA)
+            orch.start("order", DATA)  # the other pooled connection was replaced too
+            assert count(eng, saga) == 3
+        else:
+            with pytest.raises(StoreError):
+                orch.start("order", DATA)
     finally:
         eng.dispose()
 
