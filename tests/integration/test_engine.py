@@ -191,8 +191,8 @@ def test_pooled_sessions_the_server_ended_are_replaced_before_a_start(
         orch.start("order", DATA)
         with psycopg.connect(db_url, autocommit=True) as admin:
             others = (
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
             )
             ended = admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) o").fetchall()
             assert len(ended) == 2
