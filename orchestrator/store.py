@@ -37,7 +37,12 @@ SERVICE_OPTIONS = "-c enable_seqscan=off -c jit=off -c plan_cache_mode=force_gen
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, pre_ping: bool = True, options: str | None = None
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int | None = None,
+    pre_ping: bool = True,
+    options: str | None = None,
 ) -> Engine:
     """An SQLAlchemy engine on psycopg 3 for the orchestrator's database.
 
@@ -45,7 +50,8 @@ def make_engine(
     ended (outbox_relay.pooling: no round trip), so that a start after a database
     restart does not fail; a service that retries a failed batch anyway may turn it
     off. ``options``: the sessions' settings (libpq's ``options``), such as
-    SERVICE_OPTIONS.
+    SERVICE_OPTIONS. ``max_overflow``: connections opened past ``pool_size`` when
+    needed and closed when given back (default: as many as ``pool_size``).
     """
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
@@ -53,7 +59,7 @@ def make_engine(
     engine = create_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         json_serializer=_dumps,
         connect_args={} if options is None else {"options": options},
     )

@@ -67,13 +67,22 @@ class _Waiter:
                     raise BenchError(f"saga {saga_id} did not end within {timeout} s") from None
 
 
+# Connections per database of the benchmark's client, at most.
+CLIENT_POOL = 24
+
+
 class _Live:
     """What a run holds while sagabox runs: pools, the poller, the processes, saga ids."""
 
     def __init__(self, bench: SagaboxBench, amqp: str, concurrency: int, log_dir: Path) -> None:
         self.amqp = amqp
         self.timeout = bench.timeout
-        self.engines = {n: make_engine(bench.url(n), pool_size=max(2, concurrency)) for n in NAMES}
+        # A start holds its connection for one round trip, so a few serve any number of
+        # threads. A pool as large as the concurrency, and as many again in overflow,
+        # outgrew PostgreSQL's 100 connections at concurrency 128 now and then; an
+        # overflow opens and closes connections in bursts (a backend each time).
+        pool = min(max(2, concurrency), CLIENT_POOL)
+        self.engines = {n: make_engine(bench.url(n), pool_size=pool, max_overflow=0) for n in NAMES}
         self.saga_waiter = SagaWaiter(bench.url("orchestrator"))
         self.supervisor = Supervisor(log_dir)
         self.waiter = _Waiter(self.saga_waiter, self.supervisor.dead)
