@@ -48,10 +48,10 @@ def make_engine(
 
     ``pre_ping`` replaces, before use, pooled connections whose session the server
     ended (outbox_relay.pooling: no round trip), so that a start after a database
-    restart does not fail; a service that retries a failed batch anyway may turn it
-    off. ``options``: the sessions' settings (libpq's ``options``), such as
-    SERVICE_OPTIONS. ``max_overflow``: connections opened past ``pool_size`` when
-    needed and closed when given back (default: as many as ``pool_size``).
+    restart does not fail; it costs a ``poll`` per checkout, so only tests of what
+    happens without it turn it off. ``options``: the sessions' settings (libpq's
+    ``options``), such as SERVICE_OPTIONS. ``max_overflow``: connections opened past
+    ``pool_size`` when needed and closed when given back (default: ``pool_size``).
     """
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
