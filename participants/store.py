@@ -9,6 +9,7 @@ wait until that one ends, so two deliveries of one command never both apply it.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
@@ -23,6 +24,7 @@ from outbox_relay import roundtrips
 from outbox_relay.message import Envelope, ReplyType
 from outbox_relay.roundtrips import Tail
 from outbox_relay.table import SCHEMA, Along, OutboxWriter
+from participants.context import Action
 from participants.errors import BusinessFailure, SavepointNeeded
 from participants.inbox import InboxEntry, InboxKey, Status, StoredReply
 from participants.replies import outgoing
@@ -41,6 +43,7 @@ class PostgresInbox:
         *,
         optimistic: bool = False,
         tail: Tail | None = None,
+        reserved: Reserved | None = None,
     ) -> None:
         self.session = session
         self.writer = writer or OutboxWriter()
@@ -48,6 +51,8 @@ class PostgresInbox:
         # The transaction's statements held back to go with its COMMIT (the worker's);
         # each statement here first sends them, so that it sees their effects.
         self.tail = tail
+        # Rows this transaction inserted ahead for its messages (``reserve``).
+        self.reserved = reserved
 
     def claim(
         self,
@@ -57,6 +62,15 @@ class PostgresInbox:
         status: Status = "done",
         reply: StoredReply | None = None,
     ) -> InboxEntry | None:
+        if (
+            self.reserved
+            and status == "done"
+            and reply is None
+            and self.reserved.get(key) == message_id
+        ):
+            # Inserted by ``reserve`` for this very message: claimed, nothing to send.
+            del self.reserved[key]
+            return None
         conn = self.session.connection()
         params = {
             **_key_params(key),
@@ -133,6 +147,56 @@ _LOCK = (
     f"SELECT message_id, status, reply_type, reply_payload FROM {_TABLE} WHERE {_KEY} FOR UPDATE"
 )
 _RELEASE = f"DELETE FROM {_TABLE} WHERE {_KEY}"
+
+
+_RESERVE = (
+    f"INSERT INTO {_TABLE} (saga_id, step, action, message_id, status) "
+    "SELECT k.*, 'done' FROM unnest(%(saga_ids)s::uuid[], %(steps)s::text[], "
+    "%(actions)s::text[], %(message_ids)s::uuid[]) AS k "
+    "ON CONFLICT (saga_id, step, action) DO NOTHING RETURNING saga_id::text, step, action"
+)
+
+# Inbox keys claimed ahead by ``reserve``, each for the message id it was inserted with.
+Reserved = dict[InboxKey, str]
+
+
+def reserve(session: Session, envelopes: Sequence[Envelope]) -> Reserved:
+    """Claim the inbox keys of a batch's commands and compensations in one statement.
+
+    A batch handled one claim at a time waits on a round trip per message; this inserts
+    every key the batch will claim first, at once, and ``PostgresInbox.claim`` then
+    finds its row here instead of asking. A key already in the inbox is left out (its
+    message takes the usual claim: the duplicate's stored reply, or a tombstone).
+
+    Only messages whose saga has no other message in the batch take part: two of one
+    saga may claim each other's keys (a compensation tombstones its command's; a
+    routing slip's next step here claims its own), and a row inserted ahead must be
+    claimed first by the message it was inserted for. Keys go in sorted, so that two
+    workers given overlapping batches lock them in one order.
+    """
+    sagas = Counter(e.correlation_id for e in envelopes)
+    keys: dict[InboxKey, str] = {}
+    for envelope in envelopes:
+        if sagas[envelope.correlation_id] == 1 and envelope.kind != "reply":
+            action: Action = "command" if envelope.kind == "command" else "compensation"
+            keys[InboxKey(envelope.correlation_id, envelope.step, action)] = envelope.message_id
+    if len(keys) < 2:
+        return {}  # one claim is one round trip either way
+    ordered = sorted(keys, key=lambda k: (k.saga_id, k.step, k.action))
+    rows = session.connection().exec_driver_sql(
+        _RESERVE,
+        {
+            "saga_ids": [k.saga_id for k in ordered],
+            "steps": [k.step for k in ordered],
+            "actions": [k.action for k in ordered],
+            "message_ids": [keys[k] for k in ordered],
+        },
+    )
+    reserved: Reserved = {}
+    for saga_id, step, action in rows:
+        key = InboxKey(saga_id, step, action)
+        reserved[key] = keys[key]
+    return reserved
 
 
 @cache  # built once per position, not once per message

@@ -43,7 +43,12 @@ from participants.handling import on_commit, resolve
 from participants.middleware import ParticipantMiddleware, parsed
 from participants.participant import Participant
 from participants.replies import reply_to, technical_failure
-from participants.store import PostgresInbox, purge_inbox, rollback_keeping_prepared
+from participants.store import (
+    PostgresInbox,
+    purge_inbox,
+    reserve,
+    rollback_keeping_prepared,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +120,8 @@ class Binding:
         one to keep its inbox row and 'failed' reply while its effects are undone, so the
         transaction is rolled back and redone, with a savepoint for that envelope and
         every one after it: refusals come with the workload (declined payments), and a
-        redo per refusal would run a batch's first handlers again and again.
+        redo per refusal would run a batch's first handlers again and again. The
+        batch's inbox keys are claimed ahead in one statement (``store.reserve``).
         ``contexts``: the log context of each envelope, bound while it is handled.
         """
         savepoints: set[int] = set()
@@ -125,16 +131,18 @@ class Binding:
                 with on_commit() as committed:
                     with Session(self.engine) as session, session.begin():
                         tail = Tail()
+                        reserved = reserve(session, envelopes)
                         try:
                             for index, envelope in enumerate(envelopes):
+                                inbox = PostgresInbox(
+                                    session,
+                                    self.writer,
+                                    optimistic=index not in savepoints,
+                                    tail=tail,
+                                    reserved=reserved,
+                                )
                                 with bound_contextvars(**(contexts[index] if contexts else {})):
-                                    self.participant.handle(
-                                        session,
-                                        envelope,
-                                        writer=self.writer,
-                                        optimistic=index not in savepoints,
-                                        tail=tail,
-                                    )
+                                    self.participant.handle(session, envelope, inbox=inbox)
                         except SavepointNeeded:
                             rollback_keeping_prepared(session)
                             raise

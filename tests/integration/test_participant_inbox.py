@@ -7,27 +7,32 @@ and a probe participant whose handler writes a visible effect before deciding.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import pq
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
 import migrations
 from outbox_relay.message import REPLY_ACTOR, Envelope, Slip, SlipStep, decode
+from outbox_relay.roundtrips import driver
 from outbox_relay.table import outbox
 from participants import BusinessFailure, Context, Participant, Payload, purge_inbox
+from participants.broker import ParticipantBroker
 from participants.errors import SavepointNeeded
 from participants.examples import BRANCHES
 from participants.examples.inventory import add_stock, available, inventory, reserved, stock
 from participants.tables import command_inbox
 from participants.testing import command, compensation, retry
-from participants.worker import InboxPurge
+from participants.worker import Binding, InboxPurge
 from tests import servers
 
 pytestmark = pytest.mark.integration
@@ -439,3 +444,81 @@ def test_a_technical_error_in_the_next_step_here_sends_it_as_a_message(
     assert destination == "probe" and forwarded == sent
     assert (forwarded.kind, forwarded.step, forwarded.type) == ("command", "two", "probe_do")
     assert cmd.slip is not None and forwarded.message_id == cmd.slip.next[0].message_id
+
+
+@pytest.fixture
+def binding(engine: Engine, probe: Probe, amqp_url: str) -> Iterator[Binding]:
+    """The probe bound as a worker binds it, on a pool of one traceable connection."""
+    one = create_engine(engine.url, pool_size=1, max_overflow=0)
+    broker = ParticipantBroker(url=amqp_url)
+    try:
+        yield probe.participant.bind(broker, one)
+    finally:
+        broker.close()
+        one.dispose()
+
+
+def round_trips(binding: Binding, envelopes: list[Envelope], trace_file: Path) -> int:
+    """``binding.apply(envelopes)``, one transaction: the round trips it waited on."""
+    with binding.engine.connect() as conn:
+        raw = driver(conn)
+        raw.pgconn.trace(os.open(trace_file, os.O_WRONLY | os.O_CREAT))
+        raw.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+    try:
+        binding.apply(envelopes)
+    finally:
+        raw.pgconn.untrace()
+    return trace_file.read_text().count("ReadyForQuery")
+
+
+def test_a_batch_claims_the_inbox_keys_of_its_sagas_in_one_round_trip(
+    engine: Engine, probe: Probe, binding: Binding, tmp_path: Path
+) -> None:
+    done = command("probe_do")
+    handle(engine, probe.participant, done)
+    fresh = [command("probe_do") for _ in range(4)]
+    again = retry(done)  # already answered: its key is in the inbox
+    waited = round_trips(binding, [*fresh, again], tmp_path / "protocol.txt")
+    # BEGIN (psycopg's, a wait of its own), the keys claimed ahead in one statement,
+    # each handler's statement, the answered key's claim and lock, then COMMIT with
+    # every reply. With a claim per message: 12.
+    assert waited == 1 + 1 + 4 + 2 + 1
+    for cmd in fresh:
+        assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
+        [(_, reply)] = replies(engine, cmd.correlation_id)
+        assert (reply.type, reply.causation_id) == ("succeeded", cmd.message_id)
+        assert probe_effect(engine, cmd.correlation_id) == 1
+    # The answered command ran nothing again and got its stored reply.
+    first, second = (e for _, e in replies(engine, done.correlation_id))
+    assert second.type == "succeeded" and second.payload == first.payload
+    assert probe.calls == ["do:1"] * 5 and probe_effect(engine, done.correlation_id) == 1
+
+
+def test_messages_of_one_saga_in_a_batch_claim_in_their_own_order(
+    engine: Engine, probe: Probe, binding: Binding
+) -> None:
+    # A key claimed ahead belongs to its message: the compensation arriving first must
+    # still tombstone its command, and another attempt of a slip's next step must find
+    # that step answered here, not an empty row claimed ahead of it.
+    cmd = command("probe_do")
+    slip = one_then_two({})
+    two = command("probe_do", saga_id=slip.correlation_id, step="two")  # another attempt
+    others = [command("probe_do") for _ in range(2)]
+    binding.apply([compensation("probe_undo", cmd), cmd, slip, two, *others])
+    assert inbox_rows(engine, cmd.correlation_id) == {
+        "command": ("tombstone", "cancelled"),
+        "compensation": ("done", "compensated"),
+    }
+    assert [e.type for _, e in replies(engine, cmd.correlation_id)] == ["compensated", "cancelled"]
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert step_rows(engine, slip.correlation_id) == {"one": "succeeded", "two": "succeeded"}
+    assert probe_effect(engine, slip.correlation_id) == 2
+    # The slip's answer, then the other attempt's: the stored one, the same.
+    answered, duplicate = (e for _, e in replies(engine, slip.correlation_id))
+    assert (
+        (answered.step, answered.type) == (duplicate.step, duplicate.type) == ("two", "succeeded")
+    )
+    assert duplicate.payload == answered.payload
+    for other in others:
+        assert step_rows(engine, other.correlation_id) == {"step": "succeeded"}
+    assert probe.calls == ["do:1"] * 4
