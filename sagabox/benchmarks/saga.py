@@ -26,7 +26,7 @@ from orchestrator.store import make_engine
 from outbox_relay import vhosts
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from participants.examples.sagas import registry
-from sagabox.benchmarks import cpu, store, workload
+from sagabox.benchmarks import cpu, drive, store, workload
 from sagabox.benchmarks.drive import SAGA_TIMEOUT, Run, closed_loop, open_loop
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.result import Measured, Retention, SystemResult, unexpected
@@ -145,7 +145,8 @@ class SagaboxBench:
         With ``preload``, that many finished sagas and their history are inserted first;
         with ``replicas``, that many orchestrators, relays and workers per service run.
         """
-        total = warmup + count + (len(sweep) * sweep_count) + (count if rate else 0)
+        sweeps = {c: drive.sweep_count(sweep_count, c) for c in sweep}
+        total = warmup + count + sum(sweeps.values()) + (count if rate else 0)
         initial = workload.seed_for(total)
         self._prepare((*NAMES, "accounting"), initial)
         live: _Live | None = None
@@ -161,10 +162,10 @@ class SagaboxBench:
                 closed_loop(live.run_one, warmup, min(concurrency, 4))
                 first = warmup
                 runs: dict[int, Run] = {}
-                for c in sweep:
-                    self.say(f"sagabox: {sweep_count} sagas at concurrency {c}")
-                    runs[c] = closed_loop(live.run_one, sweep_count, c, first)
-                    first += sweep_count
+                for c, n in sweeps.items():
+                    self.say(f"sagabox: {n} sagas at concurrency {c}")
+                    runs[c] = closed_loop(live.run_one, n, c, first)
+                    first += n
                 opened = None
                 if rate:
                     self.say(f"sagabox: open loop, {count} sagas at {rate:g}/s")

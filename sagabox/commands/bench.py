@@ -88,7 +88,12 @@ def _register_saga(benchmarks: Any) -> None:
     parser.add_argument(
         "--sweep", default="", help="concurrencies for the throughput curve, e.g. 1,4,16"
     )
-    parser.add_argument("--sweep-sagas", type=int, default=100, help="sagas per sweep point")
+    parser.add_argument(
+        "--sweep-sagas",
+        type=int,
+        default=100,
+        help="sagas per sweep point (at least 4 times its concurrency)",
+    )
     parser.add_argument(
         "--peers",
         default=",".join(PEERS),

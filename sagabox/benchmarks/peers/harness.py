@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from orchestrator.store import make_engine
 from participants.examples.checks import SagaOutcome, check, seed
 from sagabox.benchmarks import cpu, store, workload
-from sagabox.benchmarks.drive import Run, closed_loop, open_loop
+from sagabox.benchmarks.drive import Run, closed_loop, open_loop, sweep_count
 from sagabox.benchmarks.peers import business
 from sagabox.benchmarks.result import Measured, SystemResult, unexpected
 
@@ -68,8 +68,8 @@ def prepare_app(admin_url: str, database: str, total: int) -> None:
 
 
 def total_orders(args: argparse.Namespace) -> int:
-    sweep = sweeps(args)
-    return int(args.warmup + args.count * (2 if args.rate else 1) + len(sweep) * args.sweep_count)
+    points = sum(sweep_count(args.sweep_count, c) for c in sweeps(args))
+    return int(args.warmup + args.count * (2 if args.rate else 1) + points)
 
 
 def sweeps(args: argparse.Namespace) -> tuple[int, ...]:
@@ -88,9 +88,10 @@ def drive(
     first = args.warmup
     sweep: dict[int, Run] = {}
     for c in sweeps(args):
-        say(f"{peer.name}: {args.sweep_count} sagas at concurrency {c}")
-        sweep[c] = closed_loop(peer.run_one, args.sweep_count, c, first)
-        first += args.sweep_count
+        n = sweep_count(args.sweep_count, c)
+        say(f"{peer.name}: {n} sagas at concurrency {c}")
+        sweep[c] = closed_loop(peer.run_one, n, c, first)
+        first += n
     opened = None
     if args.rate:
         say(f"{peer.name}: open loop, {args.count} sagas at {args.rate:g}/s")
