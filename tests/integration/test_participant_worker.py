@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import pika
+import psycopg
 import pytest
 import structlog
 from dramatiq import Worker
@@ -24,9 +25,10 @@ from outbox_relay.topology import Topology
 from participants import BusinessFailure, Context, Participant, Payload
 from participants.batching import BatchWorker
 from participants.broker import ParticipantBroker
+from participants.middleware import ParticipantMiddleware
 from participants.tables import command_inbox
 from participants.testing import command
-from participants.worker import WORKERS, RetryPolicy
+from participants.worker import WORKERS, RetryPolicy, WorkerConfig, build
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -567,3 +569,33 @@ def test_a_duplicate_in_the_same_batch_gets_the_stored_success(
     assert first.type == second.type == "succeeded"
     assert first.payload == second.payload == {"result": {"ok": True}}
     assert len(inbox_rows(engine, [cmd.correlation_id])) == 1
+
+
+def test_a_workers_pooled_sessions_the_server_ended_are_replaced_before_a_message(
+    db_url: str, amqp_url: str, engine: Engine
+) -> None:
+    # As after a restart of the database: without the check on checkout, the next
+    # message's transaction fails once on its dead session (and dramatiq retries it).
+    config = WorkerConfig(
+        db_url.replace("postgresql://", "postgresql+psycopg://"), amqp_url, threads=1
+    )
+    broker, worker_engine = build([flaky], config)
+    [middleware] = [m for m in broker.middleware if isinstance(m, ParticipantMiddleware)]
+    binding = middleware.by_queue[QUEUE]
+    try:
+        with worker_engine.connect(), worker_engine.connect():
+            pass  # two pooled sessions
+        first, second = command("flaky_ok"), command("flaky_ok")
+        binding.apply([first])
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            others = (
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+            admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) o")
+            wait_for(lambda: not admin.execute(others).fetchall())
+        binding.apply([second])
+        assert [r.type for r in replies(engine, second.correlation_id)] == ["succeeded"]
+    finally:
+        broker.close()
+        worker_engine.dispose()
