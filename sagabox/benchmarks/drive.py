@@ -49,8 +49,8 @@ class Run:
 
 # A closed loop's sagas per concurrency, at least: C sagas start at once and the last
 # ones end with fewer than C in flight, so a run of barely more than C sagas measures
-# its ramp and drain more than the system (at concurrency 128, 300 sagas gave 8% fewer
-# sagas/s than 3,000). Every system's sweep takes the same count.
+# its ramp and drain more than the system (at concurrency 128, 300 sagas gave 10% fewer
+# sagas/s than 3,000 in one run). Every system's sweep takes the same count.
 SWEEP_ROUNDS = 4
 
 
