@@ -174,6 +174,8 @@ def reserve(session: Session, envelopes: Sequence[Envelope]) -> Reserved:
     claimed first by the message it was inserted for. Keys go in sorted, so that two
     workers given overlapping batches lock them in one order.
     """
+    if len(envelopes) < 2:
+        return {}  # one claim is one round trip either way
     sagas = Counter(e.correlation_id for e in envelopes)
     keys: dict[InboxKey, str] = {}
     for envelope in envelopes:
@@ -181,7 +183,7 @@ def reserve(session: Session, envelopes: Sequence[Envelope]) -> Reserved:
             action: Action = "command" if envelope.kind == "command" else "compensation"
             keys[InboxKey(envelope.correlation_id, envelope.step, action)] = envelope.message_id
     if len(keys) < 2:
-        return {}  # one claim is one round trip either way
+        return {}
     ordered = sorted(keys, key=lambda k: (k.saga_id, k.step, k.action))
     rows = session.connection().exec_driver_sql(
         _RESERVE,
