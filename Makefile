@@ -30,8 +30,11 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
+# Tests that stop, block or restart the shared servers (marked faults) run alone, after
+# the rest, which run on two workers: each of those has its own database and vhost.
 test: $(STAMP) services lint
-	$(BIN)/pytest -q -p no:cacheprovider --durations=10
+	$(BIN)/pytest -q -p no:cacheprovider --durations=10 -n 2 --dist worksteal -m "not faults"
+	$(BIN)/pytest -q -p no:cacheprovider --durations=10 -m faults
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
