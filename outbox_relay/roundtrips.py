@@ -8,20 +8,30 @@ saga states it carries and its NOTIFY) until the transaction's next statement, o
 
 The same statements run in the same order in the same transaction: only a wait goes.
 Errors surface as SQLAlchemy's (``DBAPIError``), as for any statement.
+
+Savepoints go through the tail too, on an engine given to ``hold_savepoints``, while a
+transaction is ``holding`` its tail: SAVEPOINT is sent with what is held back (one
+round trip, where flushing them and then SAVEPOINT took two or more), and RELEASE is
+held back itself. SQLAlchemy's nested transaction is untouched (the ORM's flush before
+it, its undo of a rolled back one): only when its statements travel changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cache
 from typing import Any
 
 import psycopg
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ReleaseSavepointClause, SavepointClause
 
-Params = Mapping[str, Any]
+# None: a statement without parameters (SAVEPOINT, RELEASE).
+Params = Mapping[str, Any] | None
 
 
 class Tail:
@@ -40,9 +50,19 @@ class Tail:
         self._pending.append((sql, params))
 
     def flush(self, conn: Connection) -> None:
+        """Send what is held back now, in one round trip."""
         pending, self._pending = self._pending, []
-        for sql, params in pending:
-            conn.exec_driver_sql(sql, params)
+        if len(pending) == 1 and pending[0][1] is not None:
+            conn.exec_driver_sql(*pending[0])
+        elif pending:
+            raw = driver(conn)
+            with _translated(conn, *pending[-1]), raw.pipeline():
+                for sql, params in pending:
+                    _send(raw, sql, params)
+
+    def discard(self) -> None:
+        """Forget what is held back (the transaction rolled back to before it)."""
+        self._pending.clear()
 
     def first(self, conn: Connection, sql: str, params: Params) -> tuple[Any, ...] | None:
         """Send what is held back, then ``sql``, in one round trip: ``sql``'s first row.
@@ -59,7 +79,7 @@ class Tail:
         with _translated(conn, sql, params):
             with raw.pipeline():
                 for held, held_params in pending:
-                    raw.execute(held, held_params)
+                    _send(raw, held, held_params)
                 cursor = raw.execute(sql, params)
             return cursor.fetchone()
 
@@ -81,11 +101,98 @@ class Tail:
         # the caller to roll back.
         with _translated(conn, *pending[-1]), raw.pipeline():
             for sql, params in pending:
-                raw.execute(sql, params)
+                _send(raw, sql, params)
             raw.execute("COMMIT")
         # Already ended: SQLAlchemy's commit only updates its state (psycopg sends
         # nothing for a connection outside a transaction).
         target.commit()
+
+
+def _send(raw: psycopg.Connection[Any], sql: str, params: Params) -> None:
+    # Statements without parameters are transaction control: never worth preparing.
+    raw.execute(sql, params, prepare=False if params is None else None)
+
+
+# The transaction whose savepoints go through a tail: (its psycopg connection, the tail).
+_held: ContextVar[tuple[psycopg.Connection[Any], Tail] | None] = ContextVar(
+    "sagabox_held_tail", default=None
+)
+
+
+@contextmanager
+def holding(conn: Connection, tail: Tail) -> Iterator[None]:
+    """Within this block, savepoints on ``conn`` go through ``tail`` (if its engine was
+    given to ``hold_savepoints``)."""
+    token = _held.set((driver(conn), tail))
+    try:
+        yield
+    finally:
+        _held.reset(token)
+
+
+def held(conn: Connection) -> Tail | None:
+    """The tail ``conn``'s savepoints go through now, if any."""
+    current = _held.get()
+    if current is None or not getattr(conn.dialect, "_sagabox_holds_savepoints", False):
+        return None
+    if current[0] is not driver(conn):
+        return None
+    return current[1]
+
+
+def hold_savepoints(engine: Engine) -> None:
+    """Let ``engine``'s savepoints ride with a ``holding`` transaction's tail.
+
+    SQLAlchemy sends a savepoint's statements through its dialect's ``do_savepoint``,
+    ``do_release_savepoint`` and ``do_rollback_to_savepoint``; these wrap the engine's
+    own. Outside ``holding`` (or on another connection) they call the originals.
+    A ROLLBACK TO forgets what is held back: SAVEPOINT sent everything held before it,
+    so what is left was deferred inside the savepoint being undone.
+    """
+    dialect = engine.dialect
+    if getattr(dialect, "_sagabox_holds_savepoints", False):
+        return
+    set_, release, rollback_to = (
+        dialect.do_savepoint,
+        dialect.do_release_savepoint,
+        dialect.do_rollback_to_savepoint,
+    )
+
+    def do_savepoint(conn: Connection, name: str) -> None:
+        tail = held(conn)
+        if tail is None:
+            set_(conn, name)
+            return
+        tail.defer(_control(dialect, "savepoint", name), None)
+        tail.flush(conn)
+
+    def do_release_savepoint(conn: Connection, name: str) -> None:
+        tail = held(conn)
+        if tail is None:
+            release(conn, name)
+            return
+        tail.defer(_control(dialect, "release", name), None)
+
+    def do_rollback_to_savepoint(conn: Connection, name: str) -> None:
+        tail = held(conn)
+        if tail is not None:
+            tail.discard()
+        rollback_to(conn, name)
+
+    hooks: dict[str, Callable[[Connection, str], None]] = {
+        "do_savepoint": do_savepoint,
+        "do_release_savepoint": do_release_savepoint,
+        "do_rollback_to_savepoint": do_rollback_to_savepoint,
+    }
+    for attribute, hook in hooks.items():
+        setattr(dialect, attribute, hook)
+    setattr(dialect, "_sagabox_holds_savepoints", True)  # noqa: B010
+
+
+@cache
+def _control(dialect: Dialect, kind: str, name: str) -> str:
+    clause = SavepointClause(name) if kind == "savepoint" else ReleaseSavepointClause(name)  # type: ignore[no-untyped-call]
+    return str(clause.compile(dialect=dialect))
 
 
 def run(conn: Connection, tail: Tail | None, built: tuple[str, Params] | None) -> None:
@@ -113,5 +220,5 @@ def _translated(conn: Connection, sql: str, params: Params) -> Iterator[None]:
     except psycopg.Error as e:
         lost = driver(conn).closed or driver(conn).broken
         raise DBAPIError.instance(
-            sql, dict(params), e, psycopg.Error, connection_invalidated=lost
+            sql, dict(params or {}), e, psycopg.Error, connection_invalidated=lost
         ) from e

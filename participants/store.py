@@ -103,8 +103,11 @@ class PostgresInbox:
         if self.optimistic and not always:
             return _no_savepoint()
         # What is held back goes out before SAVEPOINT: sent later, from inside the
-        # savepoint, a rollback to it would undo the step before.
-        self._connection()
+        # savepoint, a rollback to it would undo the step before. A transaction holding
+        # its tail (the worker's) sends it with SAVEPOINT itself (roundtrips.holding).
+        conn = self.session.connection()
+        if self.tail is not None and roundtrips.held(conn) is not self.tail:
+            self.tail.flush(conn)
         return _savepoint(self.session)
 
     def send(
@@ -233,8 +236,12 @@ def rollback_keeping_prepared(session: Session) -> None:
     """End ``session``'s transaction with a ROLLBACK that keeps the prepared statements.
 
     The session's own rollback, which must still follow, then finds the connection idle
-    and sends nothing.
+    and sends nothing. After an ORM flush failed, the session takes no statement until
+    that rollback: it is left to it.
     """
+    transaction = session.get_transaction()
+    if transaction is None or not transaction.is_active:
+        return
     conn = session.connection()
     with keeping_prepared(conn):
         conn.exec_driver_sql("ROLLBACK")
@@ -244,10 +251,12 @@ def rollback_keeping_prepared(session: Session) -> None:
 def _savepoint(session: Session) -> Iterator[None]:
     """``session.begin_nested()``, its rollback keeping the prepared statements."""
     nested = session.begin_nested()
+    # Taken now: after an ORM flush failed inside, the session gives none until rollback.
+    conn = session.connection()
     try:
         yield
     except BaseException:
-        with keeping_prepared(session.connection()):
+        with keeping_prepared(conn):
             nested.rollback()
         raise
     nested.commit()

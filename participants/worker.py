@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from structlog.contextvars import bound_contextvars
 
+from outbox_relay import roundtrips
 from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
@@ -87,6 +88,10 @@ class Binding:
     failpoints: Failpoints = NO_FAILPOINTS
     actors: dict[str, Actor[..., None]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A refusal's redo runs handlers in savepoints: each one round trip, not three.
+        roundtrips.hold_savepoints(self.engine)
+
     def parse(
         self, args: Sequence[Any], kwargs: Mapping[str, Any], *, resolve_handler: bool = True
     ) -> Envelope:
@@ -129,8 +134,11 @@ class Binding:
             index = 0
             try:
                 with on_commit() as committed:
-                    with Session(self.engine) as session, session.begin():
-                        tail = Tail()
+                    with (
+                        Session(self.engine) as session,
+                        session.begin(),
+                        roundtrips.holding(session.connection(), tail := Tail()),
+                    ):
                         reserved = reserve(session, envelopes)
                         try:
                             for index, envelope in enumerate(envelopes):

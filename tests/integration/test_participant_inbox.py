@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from psycopg import pq
 from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, registry
 
 import migrations
 from outbox_relay.message import REPLY_ACTOR, Envelope, Slip, SlipStep, decode
@@ -446,6 +447,21 @@ def test_a_technical_error_in_the_next_step_here_sends_it_as_a_message(
     assert cmd.slip is not None and forwarded.message_id == cmd.slip.next[0].message_id
 
 
+def test_a_workers_technical_error_in_the_next_step_here_sends_it_as_a_message(
+    engine: Engine, probe: Probe, binding: Binding
+) -> None:
+    # As above, in the worker's transaction, whose savepoints ride with its held-back
+    # statements: the rollback to the second step's savepoint keeps the first step.
+    cmd, other = one_then_two({"crash": True}), command("probe_do")
+    binding.apply([other, cmd])
+    assert probe_effect(engine, cmd.correlation_id) == 1
+    assert step_rows(engine, cmd.correlation_id) == {"one": "succeeded"}
+    [(destination, forwarded)] = replies(engine, cmd.correlation_id)
+    assert destination == "probe" and (forwarded.step, forwarded.type) == ("two", "probe_do")
+    assert [e.type for _, e in replies(engine, other.correlation_id)] == ["succeeded"]
+    assert probe.calls == ["do:1"] * 3
+
+
 @pytest.fixture
 def binding(engine: Engine, probe: Probe, amqp_url: str) -> Iterator[Binding]:
     """The probe bound as a worker binds it, on a pool of one traceable connection."""
@@ -522,3 +538,109 @@ def test_messages_of_one_saga_in_a_batch_claim_in_their_own_order(
     for other in others:
         assert step_rows(engine, other.correlation_id) == {"step": "succeeded"}
     assert probe.calls == ["do:1"] * 4
+
+
+def test_a_refusals_redo_sends_each_savepoint_with_what_was_held_back(
+    engine: Engine, probe: Probe, binding: Binding, tmp_path: Path
+) -> None:
+    # The second command refuses: the transaction is redone with a savepoint for it
+    # and each command after it. SAVEPOINT goes with the statements held back, RELEASE
+    # waits for the next one: one round trip per savepoint, where it took three.
+    ok = [command("probe_do") for _ in range(3)]
+    refused = command("probe_do", {"refuse": True})
+    batch = [ok[0], refused, ok[1], ok[2]]
+    with binding.engine.connect() as conn:
+        # psycopg preparing a statement on its fifth run would add a wait of its own.
+        driver(conn).prepare_threshold = None
+    waited = round_trips(binding, batch, tmp_path / "protocol.txt")
+    protocol = (tmp_path / "protocol.txt").read_text()
+    # First try: BEGIN, claims ahead, 2 handlers, ROLLBACK. The redo: BEGIN, claims
+    # ahead, the first handler, then for each of the 3 others SAVEPOINT (with what is
+    # held back) and its handler, the refused one's ROLLBACK TO, and COMMIT. (21 when
+    # each savepoint sent what was held back one statement at a time, then SAVEPOINT,
+    # and RELEASE on its own.)
+    assert waited == 5 + 3 + 3 * 2 + 1 + 1
+    assert protocol.count("SAVEPOINT sa_savepoint") == 3 + 1 + 2  # set, undone, released
+    for cmd in ok:
+        [(_, reply)] = replies(engine, cmd.correlation_id)
+        assert reply.type == "succeeded" and probe_effect(engine, cmd.correlation_id) == 1
+        assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
+    [(_, reply)] = replies(engine, refused.correlation_id)
+    assert (reply.type, reply.payload["reason"]) == ("failed", "refused after writing")
+    assert probe_effect(engine, refused.correlation_id) == 0
+    assert inbox_rows(engine, refused.correlation_id) == {"command": ("done", "failed")}
+    assert probe.calls == ["do:1"] * 2 + ["do:1"] * 4
+
+
+class Shelf:
+    """A stock row as an ORM object: handlers written with the ORM refuse too."""
+
+    def __init__(self, sku: str, available: int) -> None:
+        self.sku = sku
+        self.available = available
+
+
+registry().map_imperatively(Shelf, stock)
+
+
+def orm_participant() -> Participant:
+    orm = Participant("orm")
+
+    @orm.command("orm_put")
+    def put(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
+        sku = str(payload.get("sku", f"orm-{ctx.saga_id}"))
+        session.add(Shelf(sku, 1))
+        how = payload.get("refuse")
+        if how == "pending":
+            raise BusinessFailure("refused, the object not flushed")
+        if how == "flushed":
+            session.flush()
+            raise BusinessFailure("refused after flushing")
+        try:
+            session.flush()
+        except IntegrityError as e:
+            raise BusinessFailure(f"{sku} is on the shelf already") from e
+        return {"sku": sku}
+
+    return orm
+
+
+def test_an_orm_handlers_refusal_in_a_batch_leaves_none_of_its_objects(
+    engine: Engine, amqp_url: str
+) -> None:
+    # Refused with an object added, with one flushed, and with a flush that failed (a
+    # duplicate key, told as a business refusal): each undone in its savepoint, the
+    # commands around them kept.
+    seed(engine, "apple")
+    broker = ParticipantBroker(url=amqp_url)
+    try:
+        binding = orm_participant().bind(broker, engine)
+        ok = [command("orm_put") for _ in range(3)]
+        pending = command("orm_put", {"refuse": "pending"})
+        flushed = command("orm_put", {"refuse": "flushed"})
+        duplicate = command("orm_put", {"sku": "apple"})
+        binding.apply([ok[0], pending, ok[1], flushed, duplicate, ok[2]])
+        # The failed flush first: the transaction without savepoints is rolled back
+        # with the session in the state a failed flush leaves it.
+        first, alone = command("orm_put", {"sku": "apple"}), command("orm_put")
+        binding.apply([first, alone])
+        ok.append(alone)
+    finally:
+        broker.close()
+    for cmd in ok:
+        [(_, reply)] = replies(engine, cmd.correlation_id)
+        assert reply.type == "succeeded" and probe_effect(engine, cmd.correlation_id) == 0
+        with Session(engine) as session:
+            assert available(session, f"orm-{cmd.correlation_id}") == 1
+    for cmd, reason in [
+        (pending, "refused, the object not flushed"),
+        (flushed, "refused after flushing"),
+        (duplicate, "apple is on the shelf already"),
+        (first, "apple is on the shelf already"),
+    ]:
+        [(_, reply)] = replies(engine, cmd.correlation_id)
+        assert (reply.type, reply.payload["reason"]) == ("failed", reason)
+        with Session(engine) as session:
+            assert available(session, f"orm-{cmd.correlation_id}") == 0
+    with Session(engine) as session:
+        assert available(session, "apple") == 10
