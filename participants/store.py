@@ -250,9 +250,10 @@ def rollback_keeping_prepared(session: Session) -> None:
 @contextmanager
 def _savepoint(session: Session) -> Iterator[None]:
     """``session.begin_nested()``, its rollback keeping the prepared statements."""
-    nested = session.begin_nested()
-    # Taken now: after an ORM flush failed inside, the session gives none until rollback.
+    # Taken first: after an ORM flush failed inside, the session gives none until its
+    # rollback; and taken inside, it would send SAVEPOINT before a statement needs it.
     conn = session.connection()
+    nested = session.begin_nested()
     try:
         yield
     except BaseException:

@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from outbox_relay.roundtrips import Tail
+from outbox_relay.roundtrips import Tail, hold_savepoints, holding
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +183,34 @@ def test_first_raises_a_held_statements_failure_and_nothing_stays(engine: Engine
     with engine.begin() as conn:
         conn.exec_driver_sql(INSERT, {"id": 4})
     assert ids(engine) == [4]
+
+
+def test_held_savepoints_keep_what_was_held_before_them_and_forget_what_was_undone(
+    engine: Engine,
+) -> None:
+    hold_savepoints(engine)
+    with Session(engine) as session, session.begin():
+        conn = session.connection()
+        tail = Tail()
+        with holding(conn, tail):
+            tail.defer(INSERT, {"id": 1})  # before the savepoints: kept
+            with pytest.raises(RuntimeError), session.begin_nested():
+                session.connection()  # SAVEPOINT (SQLAlchemy sends it on first use)
+                tail.defer(INSERT, {"id": 2})  # held inside the savepoint undone
+                raise RuntimeError("undo")
+            with session.begin_nested():
+                session.connection()
+                tail.defer(INSERT, {"id": 3})
+            raw = conn.connection.driver_connection
+            exchanged = protocol(raw, lambda: tail.commit(session))  # type: ignore[arg-type]
+    # The released savepoint's RELEASE went with the last insert and COMMIT.
+    assert exchanged.count("B ReadyForQuery") == 1
+    assert ids(engine) == [1, 3]
+    # Outside ``holding``, the engine's savepoints are SQLAlchemy's own.
+    with Session(engine) as session, session.begin():
+        with pytest.raises(RuntimeError), session.begin_nested():
+            session.execute(things.insert().values(id=4))
+            raise RuntimeError("undo")
+        with session.begin_nested():
+            session.execute(things.insert().values(id=5))
+    assert ids(engine) == [1, 3, 5]
