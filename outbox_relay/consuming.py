@@ -37,14 +37,19 @@ from pika.spec import Basic, BasicProperties
 
 T = TypeVar("T")
 OnMessage = Callable[[Channel, Basic.Deliver, BasicProperties, bytes], None]
+OnConfirm = Callable[[Basic.Ack | Basic.Nack], None]
+OnReturn = Callable[[Channel, Basic.Return, BasicProperties, bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
 class ChannelSpec:
-    """A channel to open: its prefetch, and what it consumes (queue, callback)."""
+    """A channel to open: its prefetch, and what it consumes (queue, callback); with
+    ``on_confirm``, in confirm mode for publishing (``on_return``: mandatory ones)."""
 
     prefetch: int
     consume: Sequence[tuple[str, OnMessage]]
+    on_confirm: OnConfirm | None = None
+    on_return: OnReturn | None = None
 
 
 class CallbackConsumer:
@@ -104,6 +109,11 @@ class CallbackConsumer:
         """The open channel of ``channels[index]``."""
         return self._channels[index]
 
+    def opened(self, index: int) -> Channel | None:
+        """The channel of ``channels[index]`` if it is open and ready yet (deliveries on
+        one channel may come before another is ready)."""
+        return self._channels.get(index)
+
     def schedule(self) -> None:
         """Run ``work`` once what the socket held has been read (at most once per pass)."""
         if not self._scheduled and self._connection is not None:
@@ -140,8 +150,22 @@ class CallbackConsumer:
         )
 
     def _on_qos(self, index: int, channel: Channel) -> None:
-        for queue, callback in self.specs[index].consume:
+        spec = self.specs[index]
+        for queue, callback in spec.consume:
             channel.basic_consume(queue, callback)
+        if spec.on_confirm is not None:
+            on_confirm = spec.on_confirm
+            if spec.on_return is not None:
+                channel.add_on_return_callback(spec.on_return)
+            # Ready once RabbitMQ said Confirm.SelectOk: the first publish is tag 1.
+            channel.confirm_delivery(
+                lambda frame: self._guarded(lambda: on_confirm(frame.method)),
+                callback=lambda _: self._on_ready_channel(index, channel),
+            )
+            return
+        self._on_ready_channel(index, channel)
+
+    def _on_ready_channel(self, index: int, channel: Channel) -> None:
         self._channels[index] = channel
         if len(self._channels) == len(self.specs):
             if self._on_ready is not None:

@@ -32,6 +32,8 @@ from sqlalchemy.sql.expression import ReleaseSavepointClause, SavepointClause
 
 # None: a statement without parameters (SAVEPOINT, RELEASE).
 Params = Mapping[str, Any] | None
+# Called with a held statement's first row (None if it returned none), once it ran.
+OnRow = Callable[[tuple[Any, ...] | None], None]
 
 
 class Tail:
@@ -44,21 +46,27 @@ class Tail:
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[str, Params]] = []
+        self._pending: list[tuple[str, Params, OnRow | None]] = []
 
-    def defer(self, sql: str, params: Params) -> None:
-        self._pending.append((sql, params))
+    def defer(self, sql: str, params: Params, on_row: OnRow | None = None) -> None:
+        """Hold ``sql`` back; ``on_row`` gets its first row once it ran."""
+        self._pending.append((sql, params, on_row))
 
     def flush(self, conn: Connection) -> None:
         """Send what is held back now, in one round trip."""
         pending, self._pending = self._pending, []
         if len(pending) == 1 and pending[0][1] is not None:
-            conn.exec_driver_sql(*pending[0])
+            sql, params, on_row = pending[0]
+            result = conn.exec_driver_sql(sql, params)
+            if on_row is not None:
+                row = result.first()
+                on_row(None if row is None else tuple(row))
         elif pending:
             raw = driver(conn)
-            with _translated(conn, *pending[-1]), raw.pipeline():
-                for sql, params in pending:
-                    _send(raw, sql, params)
+            with _translated(conn, *pending[-1][:2]):
+                with raw.pipeline():
+                    read = _send_all(raw, pending)
+                _read(read)
 
     def discard(self) -> None:
         """Forget what is held back (the transaction rolled back to before it)."""
@@ -78,9 +86,9 @@ class Tail:
         pending, self._pending = self._pending, []
         with _translated(conn, sql, params):
             with raw.pipeline():
-                for held, held_params in pending:
-                    _send(raw, held, held_params)
+                read = _send_all(raw, pending)
                 cursor = raw.execute(sql, params)
+            _read(read)
             return cursor.fetchone()
 
     def commit(self, target: Connection | Session) -> None:
@@ -99,18 +107,37 @@ class Tail:
         # commit() in the pipeline would sync once more: a round trip of its own.) A
         # failure raises like any failing statement, the transaction still open for
         # the caller to roll back.
-        with _translated(conn, *pending[-1]), raw.pipeline():
-            for sql, params in pending:
-                _send(raw, sql, params)
-            raw.execute("COMMIT")
+        with _translated(conn, *pending[-1][:2]):
+            with raw.pipeline():
+                read = _send_all(raw, pending)
+                raw.execute("COMMIT")
+            _read(read)
         # Already ended: SQLAlchemy's commit only updates its state (psycopg sends
         # nothing for a connection outside a transaction).
         target.commit()
 
 
-def _send(raw: psycopg.Connection[Any], sql: str, params: Params) -> None:
+def _send(raw: psycopg.Connection[Any], sql: str, params: Params) -> psycopg.Cursor[Any]:
     # Statements without parameters are transaction control: never worth preparing.
-    raw.execute(sql, params, prepare=False if params is None else None)
+    return raw.execute(sql, params, prepare=False if params is None else None)
+
+
+def _send_all(
+    raw: psycopg.Connection[Any], pending: list[tuple[str, Params, OnRow | None]]
+) -> list[tuple[psycopg.Cursor[Any], OnRow]]:
+    """Send ``pending`` in the open pipeline: the cursors whose rows someone reads."""
+    read = []
+    for sql, params, on_row in pending:
+        cursor = _send(raw, sql, params)
+        if on_row is not None:
+            read.append((cursor, on_row))
+    return read
+
+
+def _read(read: list[tuple[psycopg.Cursor[Any], OnRow]]) -> None:
+    for cursor, on_row in read:
+        row = cursor.fetchone()
+        on_row(None if row is None else tuple(row))
 
 
 # The transaction whose savepoints go through a tail: (its psycopg connection, the tail).
@@ -195,15 +222,23 @@ def _control(dialect: Dialect, kind: str, name: str) -> str:
     return str(clause.compile(dialect=dialect))
 
 
-def run(conn: Connection, tail: Tail | None, built: tuple[str, Params] | None) -> None:
+def run(
+    conn: Connection,
+    tail: Tail | None,
+    built: tuple[str, Params] | None,
+    on_row: OnRow | None = None,
+) -> None:
     """Run ``built`` (``OutboxWriter.statement``) now, or hold it in ``tail`` if there is
-    one, for the commit."""
+    one, for the commit; ``on_row`` gets its first row once it ran."""
     if built is None:
         return
     if tail is not None:
-        tail.defer(*built)
-    else:
-        conn.exec_driver_sql(*built)
+        tail.defer(*built, on_row=on_row)
+        return
+    result = conn.exec_driver_sql(*built)
+    if on_row is not None:
+        row = result.first()
+        on_row(None if row is None else tuple(row))
 
 
 def driver(conn: Connection) -> psycopg.Connection[Any]:

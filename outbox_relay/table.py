@@ -71,6 +71,88 @@ class OutgoingMessage:
 
 
 @dataclass
+class DirectRows:
+    """A writer's leased rows, from its transaction's insert to their deletion.
+
+    ``wrote`` / ``took`` (the insert's result) in a transaction; ``committed`` makes
+    the leased ones ``ready`` to publish; the publisher then reports each one
+    ``confirmed`` (to delete) or ``refused`` (nacked or returned: handed to the relay);
+    ``sweep`` gives the statements that do both, ``swept`` forgets them once committed.
+    """
+
+    # (row id, message) of committed leased rows, to publish.
+    ready: list[tuple[int, OutgoingMessage]] = field(default_factory=list)
+    _written: dict[str, OutgoingMessage] = field(default_factory=dict)
+    _leased: list[tuple[int, str]] = field(default_factory=list)
+    _confirmed: list[int] = field(default_factory=list)
+    _refused: list[int] = field(default_factory=list)
+    _sweeping: tuple[int, int] = (0, 0)
+
+    def wrote(self, messages: Sequence[OutgoingMessage]) -> None:
+        for m in messages:
+            self._written[m.message_id] = m
+
+    def took(self, row: Sequence[Any] | None) -> None:
+        """The row of a leased insert (``OutboxWriter``): its last two columns, the ids
+        and message ids of the rows it leased."""
+        if row is not None and row[-2]:
+            self._leased.extend(zip(row[-2], row[-1], strict=True))
+
+    def committed(self) -> None:
+        self.ready.extend((i, self._written[m]) for i, m in self._leased if m in self._written)
+        self._written.clear()
+        self._leased.clear()
+
+    def rolled_back(self) -> None:
+        self._written.clear()
+        self._leased.clear()
+        self._sweeping = (0, 0)
+
+    def confirmed(self, row_id: int) -> None:
+        self._confirmed.append(row_id)
+
+    def refused(self, row_id: int) -> None:
+        self._refused.append(row_id)
+
+    def sweep(self) -> list[tuple[str, dict[str, Any]]]:
+        """Statements that delete the confirmed rows and hand the refused ones to the
+        relay (then woken), to run in the caller's transaction; ``swept`` after it."""
+        self._sweeping = (len(self._confirmed), len(self._refused))
+        statements: list[tuple[str, dict[str, Any]]] = []
+        if self._confirmed:
+            statements.append((_DELETE_CONFIRMED, {"ids": list(self._confirmed)}))
+        if self._refused:
+            statements.append((_RELEASE_REFUSED, {"ids": list(self._refused)}))
+        return statements
+
+    def swept(self) -> None:
+        confirmed, refused = self._sweeping
+        del self._confirmed[:confirmed]
+        del self._refused[:refused]
+        self._sweeping = (0, 0)
+
+    @property
+    def unswept(self) -> bool:
+        return bool(self._confirmed or self._refused)
+
+
+# A row of the same saga written behind a leased one is the relay's, which could not
+# claim it before: woken once the leased row is gone (it would poll only idly).
+_DELETE_CONFIRMED = (
+    f"WITH deleted AS (DELETE FROM {SCHEMA}.outbox WHERE id = ANY(%(ids)s::bigint[]) "
+    "RETURNING correlation_id) "
+    f"SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE EXISTS (SELECT FROM {SCHEMA}.outbox o "
+    "JOIN deleted d ON o.correlation_id = d.correlation_id)"
+)
+# Refused: due now, for a relay to retry with backoff or park, as any row it publishes.
+_RELEASE_REFUSED = (
+    f"WITH released AS (UPDATE {SCHEMA}.outbox SET available_at = NULL "
+    "WHERE id = ANY(%(ids)s::bigint[]) RETURNING 1) "
+    f"SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM released LIMIT 1"
+)
+
+
+@dataclass
 class OutboxWriter:
     """Adds rows to the outbox inside the caller's transaction and wakes the relays.
 
@@ -95,6 +177,11 @@ class OutboxWriter:
     _last_busy: float = field(default=float("-inf"), init=False)
     # Whether the last NOTIFY announced DEBOUNCING (only then may a NOTIFY be skipped).
     _debouncing: bool = field(default=False, init=False)
+    # Direct publishing (docs/relay.md): rows are written leased to this writer for
+    # ``lease`` seconds, unless an earlier row of their correlation id is in the outbox,
+    # and its process publishes them after the commit; None: the relay publishes all.
+    lease: float | None = None
+    direct: DirectRows = field(default_factory=DirectRows, init=False)
 
     def write(
         self,
@@ -125,6 +212,8 @@ class OutboxWriter:
             return None
         params: dict[str, Any]
         guarded = along is not None and along.guarded
+        if self.lease is not None and not guarded:
+            return self._leased(messages, along)
         if len(messages) == 1 and not guarded:
             m = messages[0]
             insert = _INSERT_ONE
@@ -180,6 +269,48 @@ class OutboxWriter:
         """The caller's transaction failed: its NOTIFY may never have gone out, so the
         next write must not be skipped on the strength of it."""
         self._last_notify, self._debouncing = float("-inf"), False
+        self.direct.rolled_back()
+
+    def _leased(
+        self, messages: Sequence[OutgoingMessage], along: Along | None
+    ) -> tuple[str, dict[str, Any]]:
+        """The insert of ``messages`` leased to this writer; its one row's last column
+        lists the message ids it leased (``DirectRows.took``). The relay is woken only
+        for rows it must publish itself (an earlier row of their correlation id)."""
+        params: dict[str, Any]
+        if len(messages) == 1:
+            # One row (a reply): scalars, and a statement PostgreSQL runs about as fast
+            # as the plain insert (the arrays' form cost it three times as much).
+            m = messages[0]
+            insert, tail = _INSERT_ONE_LEASED, _LEASED_ONE
+            params = {
+                "message_id": m.message_id,
+                "correlation_id": m.correlation_id,
+                "exchange": m.exchange,
+                "destination": m.destination,
+                "body": m.body,
+                "headers": None if m.headers is None else _dumps(m.headers),
+            }
+        else:
+            insert, tail = _INSERT_MANY_LEASED, _LEASED_MANY
+            params = {
+                "message_ids": [m.message_id for m in messages],
+                "correlation_ids": [m.correlation_id for m in messages],
+                "exchanges": [m.exchange for m in messages],
+                "destinations": [m.destination for m in messages],
+                "bodies": [m.body for m in messages],
+                "headers": [None if m.headers is None else _dumps(m.headers) for m in messages],
+            }
+        params["lease"] = float(self.lease or 0.0)
+        ctes: list[str] = []
+        selects: list[str] = []
+        if along is not None:
+            ctes += along.ctes()
+            params.update(along.params)
+            selects += along.notifications()
+        ctes.append(f"written AS ({insert})")
+        self.direct.wrote(messages)
+        return f"WITH {', '.join(ctes)} SELECT {', '.join([*selects, tail])}", params
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +363,42 @@ _INSERT_MANY_FROM = (
     ") WITH ORDINALITY AS t(m, c, e, d, b, h, n)"
 )
 _INSERT_MANY = f"{_INSERT_MANY_FROM} ORDER BY n"
+# Direct publishing: a row is leased (available_at ahead, so relays leave it alone) only
+# if no row of its correlation id is in the outbox, which keeps the order per saga: an
+# earlier row (parked, backing off, leased to another writer) makes it the relay's.
+_LEASE = (
+    "CASE WHEN EXISTS (SELECT FROM {schema}.outbox o WHERE o.correlation_id = {c}) "
+    "THEN NULL ELSE now() + make_interval(secs => %(lease)s) END"
+)
+_LEASED_COLUMNS = "(message_id, correlation_id, exchange, destination, body, headers, available_at)"
+_RETURNING_LEASED = "RETURNING id, message_id, available_at IS NOT NULL AS leased"
+_INSERT_ONE_LEASED = (
+    f"INSERT INTO {SCHEMA}.outbox {_LEASED_COLUMNS} VALUES (%(message_id)s, %(correlation_id)s, "
+    "%(exchange)s, %(destination)s, %(body)s, %(headers)s::jsonb, "
+    + _LEASE.format(schema=SCHEMA, c="%(correlation_id)s::uuid")
+    + f") {_RETURNING_LEASED}"
+)
+_INSERT_MANY_LEASED = (
+    f"INSERT INTO {SCHEMA}.outbox {_LEASED_COLUMNS} SELECT m, c, e, d, b, h, "
+    + _LEASE.format(schema=SCHEMA, c="c")
+    + " FROM unnest("
+    "%(message_ids)b::uuid[], %(correlation_ids)b::uuid[], %(exchanges)b::text[], "
+    "%(destinations)b::text[], %(bodies)b::text[], %(headers)b::jsonb[]"
+    f") WITH ORDINALITY AS t(m, c, e, d, b, h, n) ORDER BY n {_RETURNING_LEASED}"
+)
+# What a leased insert returns (one row): a NOTIFY if a row is the relay's, then the
+# ids and message ids of the rows leased (NULL if none).
+_NOTIFY = f"pg_notify('{NOTIFY_CHANNEL}', '')"
+_LEASED_ONE = (
+    f"CASE WHEN leased THEN NULL ELSE {_NOTIFY} END, "
+    "CASE WHEN leased THEN ARRAY[id] END, CASE WHEN leased THEN ARRAY[message_id::text] END "
+    "FROM written"
+)
+_LEASED_MANY = (
+    f"(SELECT {_NOTIFY} FROM written WHERE NOT leased LIMIT 1), "
+    "ARRAY(SELECT id FROM written WHERE leased ORDER BY id), "
+    "ARRAY(SELECT message_id::text FROM written WHERE leased ORDER BY id)"
+)
 # Along.guarded: the CTE the messages depend on, and what the statement returns of it.
 GUARD = "along0"
 _INSERT_MANY_GUARDED = f"{_INSERT_MANY_FROM} WHERE EXISTS (SELECT FROM {GUARD}) ORDER BY n"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -46,9 +47,11 @@ from pika.spec import Basic, BasicProperties
 from prometheus_client import Counter, Histogram
 from structlog.contextvars import bound_contextvars
 
+from outbox_relay import coalescing
 from outbox_relay.consuming import CallbackConsumer, ChannelSpec
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
+from outbox_relay.table import OutgoingMessage
 from participants.broker import malformed
 from participants.context import log_context
 from participants.middleware import ParticipantMiddleware, redelivered, reject
@@ -63,6 +66,11 @@ BATCH_SIZE = Histogram(
     "Commands and compensations applied in one transaction by the batch worker",
     ["participant"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+)
+DIRECT_PUBLISHED = Counter(
+    "sagabox_participant_direct_published",
+    "Messages the batch worker published itself and RabbitMQ confirmed (direct publishing)",
+    ["participant", "outcome"],
 )
 BATCH_FALLBACKS = Counter(
     "sagabox_participant_batch_rolled_back",
@@ -107,6 +115,7 @@ class BatchWorker:
         batch_size: int = 32,
         reconnect_delay: float = 1.0,
         idle_timeout: float = 0.25,
+        direct_lease: float | None = None,
     ) -> None:
         middleware = [m for m in broker.middleware if isinstance(m, ParticipantMiddleware)]
         if not middleware or not middleware[0].by_queue:
@@ -127,10 +136,26 @@ class BatchWorker:
         self._order = itertools.count()
         self._attempts = itertools.count()
         self._consumer: CallbackConsumer
+        # Direct publishing (docs/relay.md): replies leased for ``direct_lease`` seconds,
+        # published here after the commit; (DirectRows, row id, message id) per tag.
+        self.direct_lease = direct_lease
+        self._unconfirmed: dict[int, tuple[Binding, int, OutgoingMessage]] = {}
+        self._returned: set[str] = set()
+        self._published = 0
+        if direct_lease is not None:
+            if direct_lease <= 0:
+                raise ValueError("direct_lease must be positive")
+            for binding in self._unique_bindings():
+                binding.writer.lease = direct_lease
+            # Each publish is three frames: one send per burst, not one per frame.
+            coalescing.install()
 
     @property
     def queues(self) -> list[str]:
         return sorted(self.bindings)
+
+    def _unique_bindings(self) -> list[Binding]:
+        return list({id(b): b for b in self.bindings.values()}.values())
 
     def start(self) -> None:
         """Run in a thread of its own (tests, and ``run`` in participants.worker)."""
@@ -169,7 +194,12 @@ class BatchWorker:
                 # Unacked deliveries come back from RabbitMQ on the next connection.
                 self._pending.clear()
                 self._delayed.clear()
+                # Unconfirmed rows stay leased: a relay publishes them once it ends.
+                self._unconfirmed.clear()
+                self._returned.clear()
+                self._published = 0
                 self._close()
+        self._sweep()
 
     def _close(self) -> None:
         with contextlib.suppress(Exception):
@@ -182,13 +212,16 @@ class BatchWorker:
         # callback adapter (outbox_relay/consuming.py says why).
         for queue in self.queues:
             self.broker.declare_queue(queue, ensure=True)
+        channels = [
+            ChannelSpec(self.batch_size * 2, [(q, self._on_message) for q in self.queues]),
+            # As dramatiq's delay consumers: delayed messages wait here, not in RabbitMQ.
+            ChannelSpec(65535, [(dq_name(q), self._on_delayed) for q in self.queues]),
+        ]
+        if self.direct_lease is not None:
+            channels.append(ChannelSpec(0, [], self._on_confirm, self._on_return))
         self._consumer = CallbackConsumer(
             self._parameters(),
-            [
-                ChannelSpec(self.batch_size * 2, [(q, self._on_message) for q in self.queues]),
-                # As dramatiq's delay consumers: delayed messages wait here, not in RabbitMQ.
-                ChannelSpec(65535, [(dq_name(q), self._on_delayed) for q in self.queues]),
-            ],
+            channels,
             work=self._work,
             tick=self._tick,
             stopping=self._stopping,
@@ -216,6 +249,9 @@ class BatchWorker:
 
     def _tick(self) -> float:
         self._release_due()
+        if self.direct_lease is not None:
+            self._publish()
+            self._sweep()
         return self._idle()
 
     def _idle(self) -> float:
@@ -269,10 +305,98 @@ class BatchWorker:
             self._apply(self.bindings[queue], items, settled)
         for queue in groups:
             self.bindings[queue].failpoints("participant.after_commit_before_ack")
+        if self.direct_lease is not None:
+            self._publish()
         for tag in settled.nack:
             channel.basic_nack(tag, requeue=False)
         if settled.ack:
             channel.basic_ack(max(settled.ack), multiple=True)
+
+    def _publish(self) -> None:
+        """Publish the rows leased to this worker's writers that committed."""
+        channel = self._consumer.opened(2)
+        if channel is None:
+            return  # not ready yet: the next pass or tick publishes them
+        for binding in self._unique_bindings():
+            direct = binding.writer.direct
+            for row_id, m in direct.ready:
+                channel.basic_publish(
+                    m.exchange,
+                    m.destination,
+                    m.body,
+                    BasicProperties(
+                        delivery_mode=2,
+                        message_id=m.message_id,
+                        correlation_id=m.correlation_id,
+                        content_type="application/json",
+                        headers=dict(m.headers) if m.headers is not None else None,
+                    ),
+                    mandatory=True,
+                )
+                self._published += 1
+                self._unconfirmed[self._published] = (binding, row_id, m)
+            direct.ready.clear()
+
+    def _on_confirm(self, method: Basic.Ack | Basic.Nack) -> None:
+        tag = int(method.delivery_tag)
+        tags = [t for t in self._unconfirmed if t <= tag] if method.multiple else [tag]
+        acked = isinstance(method, Basic.Ack)
+        published: list[OutgoingMessage] = []
+        for t in tags:
+            entry = self._unconfirmed.pop(t, None)
+            if entry is None:
+                continue
+            binding, row_id, m = entry
+            name = binding.participant.name
+            if acked and m.message_id not in self._returned:
+                binding.writer.direct.confirmed(row_id)
+                DIRECT_PUBLISHED.labels(name, "confirmed").inc()
+                published.append(m)
+            else:
+                # The relay retries a nacked row with backoff and parks a returned one.
+                self._returned.discard(m.message_id)
+                binding.writer.direct.refused(row_id)
+                DIRECT_PUBLISHED.labels(name, "refused").inc()
+                log.warning(
+                    "direct_publish_refused",
+                    message_id=m.message_id,
+                    correlation_id=m.correlation_id,
+                    reason="returned" if acked else "nacked",
+                )
+        if published and _info_enabled():
+            # As the relay's line for a batch: `sagabox trace` finds a saga's here too.
+            log.info(
+                "outbox_batch_published",
+                count=len(published),
+                direct=True,
+                message_ids=[m.message_id for m in published],
+                correlation_ids=[m.correlation_id for m in published],
+            )
+
+    def _on_return(
+        self, _: Channel, method: Basic.Return, properties: BasicProperties, __: bytes
+    ) -> None:
+        # A returned message is acked after its return: tell them apart by message id.
+        if properties.message_id:
+            self._returned.add(str(properties.message_id))
+
+    def _sweep(self) -> None:
+        """Delete the confirmed rows and hand the refused ones to the relay, in a
+        transaction of their own (a batch's transaction takes them along when it can)."""
+        for binding in self._unique_bindings():
+            direct = binding.writer.direct
+            if not direct.unswept:
+                continue
+            try:
+                with binding.engine.begin() as conn:
+                    for sql, params in direct.sweep():
+                        conn.exec_driver_sql(sql, params)
+            except Exception as e:
+                # Left for the next sweep; past their lease, a relay publishes them again.
+                direct.rolled_back()
+                log.warning("direct_sweep_failed", error=repr(e))
+            else:
+                direct.swept()
 
     def _admit(self, delivery: _Delivery, settled: _Settled) -> _Item | None:
         """The delivery as an item to handle, or None once it is settled here (rejected,
@@ -366,6 +490,12 @@ class BatchWorker:
         self.broker.emit_before("nack", message)
         settled.nack.append(delivery.tag)
         message.clear_exception()
+
+
+def _info_enabled() -> bool:
+    """Whether info lines are written: asked before building a line's id lists."""
+    enabled = getattr(log, "is_enabled_for", None)
+    return enabled is None or bool(enabled(logging.INFO))
 
 
 def _decode(body: bytes, queue: str) -> Message[Any] | None:

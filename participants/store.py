@@ -126,7 +126,9 @@ class PostgresInbox:
                 params[f"r{i}_payload"] = _dumps(stored.payload)
             along = Along(tuple(_record(i) for i in range(len(records))), params)
         built = self.writer.statement([outgoing(reply, destination)], along=along)
-        roundtrips.run(self.session.connection(), self.tail, built)
+        # A leased insert says which rows are this writer's to publish (direct publishing).
+        on_row = self.writer.direct.took if self.writer.lease is not None else None
+        roundtrips.run(self.session.connection(), self.tail, built, on_row)
 
     def _connection(self) -> Connection:
         conn = self.session.connection()

@@ -55,6 +55,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_RETENTION = timedelta(days=7)
 WORKERS = ("batch", "threads")
+PUBLISHERS = ("relay", "direct")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +156,12 @@ class Binding:
                             rollback_keeping_prepared(session)
                             raise
                         self.failpoints("participant.before_commit")
+                        for sql, params in self.writer.direct.sweep():
+                            tail.defer(sql, params)
                         tail.commit(session)
                     committed()
+                self.writer.direct.committed()
+                self.writer.direct.swept()
                 return
             except SavepointNeeded:
                 self.writer.rolled_back()
@@ -180,6 +185,7 @@ class Binding:
             self.writer.rolled_back()
             log.exception("error_reply_failed")
         else:
+            self.writer.direct.committed()
             log.info("error_reply_written", reply_id=reply.message_id, reply_type=reply.type)
 
 
@@ -283,6 +289,10 @@ class WorkerConfig:
     quorum_queues: bool = False
     quorum_delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     failpoints: Failpoints = NO_FAILPOINTS
+    # "relay": a relay publishes every row; "direct": the batch worker publishes its
+    # replies after the commit, leased for ``publish_lease`` seconds (docs/relay.md).
+    publish: str = "relay"
+    publish_lease: float = 10.0
 
 
 def load(module_name: str) -> list[Participant]:
@@ -323,10 +333,15 @@ def run(participants: Sequence[Participant], config: WorkerConfig, stop: threadi
     """Consume the participants' queues until ``stop`` is set, then shut down cleanly."""
     if config.worker not in WORKERS:
         raise ValueError(f"worker must be one of {WORKERS}, got {config.worker!r}")
+    if config.publish not in PUBLISHERS:
+        raise ValueError(f"publish must be one of {PUBLISHERS}, got {config.publish!r}")
+    if config.publish == "direct" and config.worker != "batch":
+        raise ValueError("direct publishing needs the batch worker (SAGABOX_PARTICIPANT_WORKER)")
     broker, engine = build(participants, config)
     worker: Worker | BatchWorker
     if config.worker == "batch":
-        worker = BatchWorker(broker, batch_size=config.batch_size)
+        lease = config.publish_lease if config.publish == "direct" else None
+        worker = BatchWorker(broker, batch_size=config.batch_size, direct_lease=lease)
     else:
         worker = Worker(broker, worker_threads=config.threads)
     worker.start()

@@ -315,5 +315,10 @@ def _processes(replicas: int) -> str:
 def _worker(threads: int) -> str:
     settings = ParticipantSettings.from_env()
     if settings.worker == "batch":
-        return f"batch worker, up to {settings.batch_size} commands per transaction"
+        published = (
+            "replies published by the workers (direct)"
+            if settings.publish == "direct"
+            else "replies published by the relay"
+        )
+        return f"batch worker, up to {settings.batch_size} commands per transaction, {published}"
     return f"threads worker, {threads} threads"

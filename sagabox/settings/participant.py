@@ -8,6 +8,11 @@ SAGABOX_PARTICIPANT_WORKER           batch (default): one thread handles the com
                                      Worker, a transaction per command on each thread
 SAGABOX_PARTICIPANT_BATCH_SIZE       most commands per transaction (batch; default 32)
 SAGABOX_PARTICIPANT_THREADS          worker threads per process (threads; default 8)
+SAGABOX_PARTICIPANT_PUBLISH          relay (default): a relay publishes the replies;
+                                     direct: the batch worker publishes them itself
+                                     after its commit, the relay as the safety net
+SAGABOX_PARTICIPANT_PUBLISH_LEASE    seconds a relay leaves a directly published row
+                                     alone (default 10)
 SAGABOX_PARTICIPANT_MAX_RETRIES      dramatiq retries of a technical failure (default 5)
 SAGABOX_PARTICIPANT_MIN_BACKOFF_MS   first retry delay (default 1000)
 SAGABOX_PARTICIPANT_MAX_BACKOFF_MS   longest retry delay (default 300000)
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT
-from participants.worker import WORKERS, RetryPolicy, WorkerConfig
+from participants.worker import PUBLISHERS, WORKERS, RetryPolicy, WorkerConfig
 from sagabox.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Env, amqp_url, database_url
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
@@ -38,6 +43,8 @@ class ParticipantSettings:
     worker: str = "batch"
     batch_size: int = 32
     threads: int = 8
+    publish: str = "relay"
+    publish_lease: float = 10.0
     max_retries: int = 5
     min_backoff_ms: int = 1000
     max_backoff_ms: int = 300_000
@@ -62,6 +69,8 @@ class ParticipantSettings:
             worker=env.choice("PARTICIPANT_WORKER", "batch", WORKERS),
             batch_size=env.int("PARTICIPANT_BATCH_SIZE", 32, minimum=1),
             threads=env.int("PARTICIPANT_THREADS", 8, minimum=1),
+            publish=env.choice("PARTICIPANT_PUBLISH", "relay", PUBLISHERS),
+            publish_lease=env.float("PARTICIPANT_PUBLISH_LEASE", 10.0, minimum=0.1),
             max_retries=env.int("PARTICIPANT_MAX_RETRIES", 5),
             min_backoff_ms=env.int("PARTICIPANT_MIN_BACKOFF_MS", 1000, minimum=1),
             max_backoff_ms=env.int("PARTICIPANT_MAX_BACKOFF_MS", 300_000, minimum=1),
@@ -87,6 +96,8 @@ class ParticipantSettings:
             worker=self.worker,
             batch_size=self.batch_size,
             threads=self.threads,
+            publish=self.publish,
+            publish_lease=self.publish_lease,
             retention=timedelta(seconds=self.inbox_retention_seconds),
             purge_interval=self.inbox_purge_interval_seconds,
             retries=RetryPolicy(

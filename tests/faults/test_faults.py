@@ -118,6 +118,47 @@ def test_killed_at_every_failpoint_and_restarted_loses_nothing(
     assert ("slip_forwarded" in payment_log) is (version == 3)
 
 
+def test_a_participant_publishing_directly_killed_after_its_commit_loses_nothing(
+    system: System,
+) -> None:
+    # The participants publish their replies themselves (docs/relay.md, "Direct
+    # publishing"); payment dies after its commit, before its publish: its rows stay
+    # leased, and the relay publishes them once the lease (2 s here) ends.
+    direct = dataclasses.replace(
+        system,
+        env={
+            **system.env,
+            "SAGABOX_PARTICIPANT_PUBLISH": "direct",
+            "SAGABOX_PARTICIPANT_PUBLISH_LEASE": "2",
+        },
+    )
+    armed = {"payment-1": {"SAGABOX_FAILPOINTS": "participant.after_commit_before_ack=exit"}}
+    with running(direct, armed):
+        direct.load(8, version=3)
+        wait_for(partial(died, direct, "payment-1"), 30, "payment-1 to die at its failpoint")
+        direct.start_one("payment-1")
+        direct.load(4, version=3)
+        direct.settle()
+        # Confirmed rows deleted, and what was written behind a leased row published by
+        # the relay (woken by the delete), while they run.
+        for name, engine in direct.engines.items():
+            wait_for(partial(harness.drained, engine), 15, f"{name}'s outbox to drain")
+    direct.assert_consistent()
+    for service in ("inventory", "payment", "shipping", "loyalty"):
+        log = (direct.log_dir / f"{service}-1.log").read_text()
+        assert '"direct": true' in log, f"{service} published nothing itself"
+    payment_log = (direct.log_dir / "payment-1.log").read_text()
+    assert "inbox_duplicate_skipped" in payment_log
+    # What payment had committed and not published, the relay published.
+    payment_db = urlsplit(direct.urls["payment"]).path.lstrip("/")
+    relayed = [
+        line
+        for line in (direct.log_dir / "relay-1.log").read_text().splitlines()
+        if '"outbox_batch_published"' in line and payment_db in line
+    ]
+    assert relayed, "the relay published none of payment's rows"
+
+
 def test_terminated_database_connections_are_reopened(system: System) -> None:
     with running(system):
         system.load(6)

@@ -83,6 +83,8 @@ def test_tls_urls_reach_every_component_unchanged() -> None:
         ("SAGABOX_PARTICIPANT_THREADS", "0", "participant"),
         ("SAGABOX_PARTICIPANT_WORKER", "fibers", "participant"),
         ("SAGABOX_PARTICIPANT_BATCH_SIZE", "0", "participant"),
+        ("SAGABOX_PARTICIPANT_PUBLISH", "eagerly", "participant"),
+        ("SAGABOX_PARTICIPANT_PUBLISH_LEASE", "0", "participant"),
         ("SAGABOX_INBOX_RETENTION_SECONDS", "forever", "participant"),
         ("SAGABOX_SAGA_RETENTION_SECONDS", "-1", "orchestrator"),
     ],
@@ -170,6 +172,15 @@ def test_the_participant_worker_is_batch_unless_threads_is_chosen() -> None:
         Env({"SAGABOX_PARTICIPANT_WORKER": "Threads", "SAGABOX_PARTICIPANT_BATCH_SIZE": "8"})
     ).worker_config()
     assert (chosen.worker, chosen.batch_size) == ("threads", 8)
+
+
+def test_the_relay_publishes_the_replies_unless_direct_is_chosen() -> None:
+    default = ParticipantSettings.from_env(Env({})).worker_config()
+    assert (default.publish, default.publish_lease) == ("relay", 10.0)
+    chosen = ParticipantSettings.from_env(
+        Env({"SAGABOX_PARTICIPANT_PUBLISH": "direct", "SAGABOX_PARTICIPANT_PUBLISH_LEASE": "30"})
+    ).worker_config()
+    assert (chosen.publish, chosen.publish_lease) == ("direct", 30.0)
 
 
 def test_the_orchestrator_notifies_settled_sagas_unless_told_not_to() -> None:
