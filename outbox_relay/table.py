@@ -274,9 +274,10 @@ class OutboxWriter:
     def _leased(
         self, messages: Sequence[OutgoingMessage], along: Along | None
     ) -> tuple[str, dict[str, Any]]:
-        """The insert of ``messages`` leased to this writer; its one row's last column
-        lists the message ids it leased (``DirectRows.took``). The relay is woken only
-        for rows it must publish itself (an earlier row of their correlation id)."""
+        """The insert of ``messages`` leased to this writer; its one row's last two
+        columns list the ids and message ids of the rows it leased (``DirectRows.took``).
+        The relay is woken only for rows it must publish itself (an earlier row of
+        their correlation id)."""
         params: dict[str, Any]
         if len(messages) == 1:
             # One row (a reply): scalars, and a statement PostgreSQL runs about as fast

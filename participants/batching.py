@@ -137,7 +137,7 @@ class BatchWorker:
         self._attempts = itertools.count()
         self._consumer: CallbackConsumer
         # Direct publishing (docs/relay.md): replies leased for ``direct_lease`` seconds,
-        # published here after the commit; (DirectRows, row id, message id) per tag.
+        # published here after the commit; (binding, outbox row id, message) per tag.
         self.direct_lease = direct_lease
         self._unconfirmed: dict[int, tuple[Binding, int, OutgoingMessage]] = {}
         self._returned: set[str] = set()
