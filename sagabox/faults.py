@@ -14,10 +14,14 @@ import psycopg
 
 
 def terminate_backends(admin_url: str, database: str) -> int:
-    """pg_terminate_backend on every connection to ``database`` but our own; how many."""
+    """pg_terminate_backend on every connection to ``database`` but our own; how many.
+
+    Each call waits (up to 5 s) until its backend has exited, so its clients have the
+    server's goodbye on their sockets when this returns: a pool's check on checkout
+    then sees it (a test starting a saga right after once got the dead connection)."""
     with psycopg.connect(admin_url, autocommit=True) as admin:
         rows = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_backend_pid()",
             (database,),
         ).fetchall()
