@@ -217,24 +217,10 @@ class OutboxWriter:
         if len(messages) == 1 and not guarded:
             m = messages[0]
             insert = _INSERT_ONE
-            params = {
-                "message_id": m.message_id,
-                "correlation_id": m.correlation_id,
-                "exchange": m.exchange,
-                "destination": m.destination,
-                "body": m.body,
-                "headers": None if m.headers is None else _dumps(m.headers),
-            }
+            params = _one_row(m)
         else:
             insert = _INSERT_MANY_GUARDED if guarded else _INSERT_MANY
-            params = {
-                "message_ids": [m.message_id for m in messages],
-                "correlation_ids": [m.correlation_id for m in messages],
-                "exchanges": [m.exchange for m in messages],
-                "destinations": [m.destination for m in messages],
-                "bodies": [m.body for m in messages],
-                "headers": [None if m.headers is None else _dumps(m.headers) for m in messages],
-            }
+            params = _rows(messages)
         ctes = []
         selects: list[str] = []
         if along is not None:
@@ -284,24 +270,10 @@ class OutboxWriter:
             # as the plain insert (the arrays' form cost it three times as much).
             m = messages[0]
             insert, tail = _INSERT_ONE_LEASED, _LEASED_ONE
-            params = {
-                "message_id": m.message_id,
-                "correlation_id": m.correlation_id,
-                "exchange": m.exchange,
-                "destination": m.destination,
-                "body": m.body,
-                "headers": None if m.headers is None else _dumps(m.headers),
-            }
+            params = _one_row(m)
         else:
             insert, tail = _INSERT_MANY_LEASED, _LEASED_MANY
-            params = {
-                "message_ids": [m.message_id for m in messages],
-                "correlation_ids": [m.correlation_id for m in messages],
-                "exchanges": [m.exchange for m in messages],
-                "destinations": [m.destination for m in messages],
-                "bodies": [m.body for m in messages],
-                "headers": [None if m.headers is None else _dumps(m.headers) for m in messages],
-            }
+            params = _rows(messages)
         params["lease"] = float(self.lease or 0.0)
         ctes: list[str] = []
         selects: list[str] = []
@@ -404,6 +376,30 @@ _LEASED_MANY = (
 GUARD = "along0"
 _INSERT_MANY_GUARDED = f"{_INSERT_MANY_FROM} WHERE EXISTS (SELECT FROM {GUARD}) ORDER BY n"
 _GUARD_RESULT = f"EXISTS (SELECT FROM {GUARD})"
+
+
+def _one_row(m: OutgoingMessage) -> dict[str, Any]:
+    """The parameters of a one-row insert (scalars)."""
+    return {
+        "message_id": m.message_id,
+        "correlation_id": m.correlation_id,
+        "exchange": m.exchange,
+        "destination": m.destination,
+        "body": m.body,
+        "headers": None if m.headers is None else _dumps(m.headers),
+    }
+
+
+def _rows(messages: Sequence[OutgoingMessage]) -> dict[str, Any]:
+    """The parameters of a many-row insert (arrays, in the messages' order)."""
+    return {
+        "message_ids": [m.message_id for m in messages],
+        "correlation_ids": [m.correlation_id for m in messages],
+        "exchanges": [m.exchange for m in messages],
+        "destinations": [m.destination for m in messages],
+        "bodies": [m.body for m in messages],
+        "headers": [None if m.headers is None else _dumps(m.headers) for m in messages],
+    }
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
