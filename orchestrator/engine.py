@@ -197,7 +197,9 @@ class Orchestrator:
             idempotency_key,
             started,
         )
-        built = self.outbox.statement(messages, along=store.new_saga(new))
+        # For the relay: the caller's thread is not the reply consumer's, which
+        # publishes the rows its writer leased (a start is called from anywhere).
+        built = self.outbox.statement(messages, along=store.new_saga(new), lease=False)
         assert built is not None  # the saga row is always in it
         if idempotency_key is None:
             conn.exec_driver_sql(*built)
@@ -239,7 +241,7 @@ class Orchestrator:
             return []
         now = self.clock()
         outcomes: dict[str, Outcome] = {}
-        with self._writing() as (conn, tail):
+        with self._writing(direct=True) as (conn, tail):
             # The inbox takes only the replies with no problem: those whose saga is
             # missing or another one are left out by the statement itself.
             rows, fresh = store.lock_and_record(
@@ -310,7 +312,7 @@ class Orchestrator:
                     )
                     for c in t.commands
                 )
-            self._save(conn, tail, states, history_rows, messages)
+            self._save(conn, tail, states, history_rows, messages, direct=True)
         return [outcomes[r.message_id] for r in replies]
 
     def _reply_problem(self, reply: Envelope, row: store.SagaRow | None) -> str:
@@ -361,7 +363,7 @@ class Orchestrator:
         Returns the number of sagas handled.
         """
         now = self.clock()
-        with self._writing() as (conn, tail):
+        with self._writing(direct=True) as (conn, tail):
             rows = store.lock_due_sagas(conn, now, limit)
             states: dict[str, tuple[store.SagaRow, SagaState, int]] = {}
             history_rows: list[dict[str, Any]] = []
@@ -395,7 +397,7 @@ class Orchestrator:
                         correlation_id=row.id, saga=row.name
                     ):
                         log.info("saga_timers_fired", status=t.state.status.value, note=t.note)
-            self._save(conn, tail, states, history_rows, messages)
+            self._save(conn, tail, states, history_rows, messages, direct=True)
         return len(rows)
 
     # -- operator actions --------------------------------------------------------
@@ -510,8 +512,11 @@ class Orchestrator:
         states: Mapping[str, tuple[store.SagaRow, SagaState, int]],
         history_rows: Sequence[dict[str, Any]],
         messages: Sequence[OutgoingMessage],
+        *,
+        direct: bool = False,
     ) -> None:
-        # States, history and outbox rows in one round trip.
+        """States, history and outbox rows in one round trip. ``direct``: on the reply
+        consumer's thread, whose DirectPublisher publishes what a leasing writer leased."""
         along = store.transitions(
             [
                 {
@@ -526,7 +531,9 @@ class Orchestrator:
             history_rows,
             notify_settled=self.notify_settled,
         )
-        roundtrips.run(conn, tail, self.outbox.statement(messages, along=along))
+        leased = direct and self.outbox.leases(messages, along=along)
+        built = self.outbox.statement(messages, along=along, lease=leased)
+        roundtrips.run(conn, tail, built, self.outbox.direct.took if leased else None)
 
     def _outgoing(
         self,
@@ -588,10 +595,10 @@ class Orchestrator:
     def _begin(self) -> AbstractContextManager[Connection]:
         return _transaction(self.engine, self.outbox)
 
-    def _writing(self) -> AbstractContextManager[tuple[Connection, Tail]]:
+    def _writing(self, *, direct: bool = False) -> AbstractContextManager[tuple[Connection, Tail]]:
         """A transaction whose last statement (states, history, outbox) is sent with
-        its COMMIT, in one round trip (outbox_relay.roundtrips)."""
-        return _transaction_with_tail(self.engine, self.outbox)
+        its COMMIT, in one round trip (outbox_relay.roundtrips); ``direct``: see _save."""
+        return _transaction_with_tail(self.engine, self.outbox, direct=direct)
 
 
 def _history_row(
@@ -683,9 +690,18 @@ def _autocommit(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
 
 @contextmanager
 def _transaction_with_tail(
-    engine: Engine, outbox: OutboxWriter
+    engine: Engine, outbox: OutboxWriter, *, direct: bool = False
 ) -> Iterator[tuple[Connection, Tail]]:
     with _transaction(engine, outbox) as conn:
         tail = Tail()
+        if direct:
+            # Confirmed rows deleted before this transaction's insert, not after it: a
+            # saga's next command is leased only if no row of the saga is left, and the
+            # confirmed command its reply answers would otherwise still be there.
+            for sql, params in outbox.direct.sweep():
+                tail.defer(sql, params)
         yield conn, tail
         tail.commit(conn)
+    if direct:
+        outbox.direct.committed()
+        outbox.direct.swept()

@@ -48,6 +48,12 @@ BATCH_SECONDS = Histogram(
     "Time to apply one batch of replies (one transaction, commit included)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+DIRECT_PUBLISHED = Counter(
+    "sagabox_orchestrator_direct_published",
+    "Commands the reply consumer published itself (direct publishing), by outcome: "
+    "confirmed (then deleted) or refused (nacked or returned, handed to the relay)",
+    ["outcome"],
+)
 TIMERS_FIRED = Counter(
     "sagabox_orchestrator_timers_fired",
     "Sagas whose deadline or scheduled retry fired (timeouts and retries)",

@@ -27,7 +27,9 @@ from pika.spec import Basic, BasicProperties
 from orchestrator import metrics
 from orchestrator.engine import Orchestrator
 from orchestrator.errors import StoreError
+from outbox_relay import coalescing
 from outbox_relay.consuming import CallbackConsumer, ChannelSpec
+from outbox_relay.direct import DirectPublisher, Source
 from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, decode
@@ -77,11 +79,29 @@ class ReplyConsumer:
     # Tests arm orchestrator.after_commit_before_ack: a crash there redelivers a batch
     # that is already applied, which the reply inbox must absorb.
     failpoints: Failpoints = NO_FAILPOINTS
+    # Direct publishing (docs/relay.md): the commands of the replies and timers applied
+    # here are leased to the orchestrator's writer for this many seconds and published
+    # by this consumer after the commit, the relay as the safety net; None: the relay
+    # publishes them all. The consumer then owns the writer: its thread alone uses it.
+    direct_lease: float | None = None
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _pending: list[_Delivery] = field(default_factory=list, init=False)
     _consumer: CallbackConsumer = field(init=False)
     _next_timers: float = field(default=0.0, init=False)
     _next_purge: float = field(default=0.0, init=False)
+    _direct: DirectPublisher | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.direct_lease is not None:
+            if self.direct_lease <= 0:
+                raise ValueError("direct_lease must be positive")
+            self.orchestrator.outbox.lease = self.direct_lease
+            self._direct = DirectPublisher(
+                [Source("orchestrator", self.orchestrator.outbox, self.orchestrator.engine)],
+                counted=lambda _, outcome: metrics.DIRECT_PUBLISHED.labels(outcome).inc(),
+            )
+            # Each publish is three frames: one send per burst, not one per frame.
+            coalescing.install()
 
     def stop(self, *_: Any) -> None:
         self._stopping.set()
@@ -95,9 +115,12 @@ class ReplyConsumer:
                 delay = self.reconnect_delay
             except (pika.exceptions.AMQPError, OSError) as e:
                 self._pending.clear()  # unacked: the broker redelivers them
+                if self._direct is not None:
+                    self._direct.reset()
                 log.warning("orchestrator_reconnecting", error=repr(e), delay=delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
+        self._sweep()
         log.info("orchestrator_stopped")
 
     def _run_connected(self) -> None:
@@ -106,10 +129,15 @@ class ReplyConsumer:
             declare_reply_queue(setup.channel(), self.queue, self.topology)
         self._next_timers = 0.0
         self._next_purge = time.monotonic() + min(self.purge_interval, 5.0)
+        channels = [
+            # Enough in flight to fill two batches while one is being committed.
+            ChannelSpec(self.batch_size * 2, [(self.queue, self._on_message)]),
+        ]
+        if self._direct is not None:
+            channels.append(ChannelSpec(0, [], self._direct.on_confirm, self._direct.on_return))
         self._consumer = CallbackConsumer(
             params,
-            # Enough in flight to fill two batches while one is being committed.
-            [ChannelSpec(self.batch_size * 2, [(self.queue, self._on_message)])],
+            channels,
             work=self._work,
             tick=self._tick,
             stopping=self._stopping,
@@ -133,6 +161,8 @@ class ReplyConsumer:
         if now >= self._next_timers:
             self._fire_timers()
             self._next_timers = time.monotonic() + self.timer_interval
+        self._publish()
+        self._sweep()
         return max(0.0, min(self._next_timers - time.monotonic(), 0.25))
 
     def _on_message(
@@ -173,9 +203,21 @@ class ReplyConsumer:
         if parked:
             self._dead_letter(parked)
         self.failpoints("orchestrator.after_commit_before_ack")
+        self._publish()
         channel.basic_ack(delivery_tag=batch[-1].tag, multiple=True)
         if self.on_batch is not None:
             self.on_batch(len(batch))
+
+    def _publish(self) -> None:
+        """Publish the commands this consumer's transactions leased (direct publishing)."""
+        if self._direct is not None:
+            self._direct.publish(self._consumer.opened(1))
+
+    def _sweep(self) -> None:
+        # Usually done by the next batch's transaction (Orchestrator._save); alone when
+        # no reply comes.
+        if self._direct is not None:
+            self._direct.sweep()
 
     def _dead_letter(self, parked: list[tuple[_Delivery, str]]) -> None:
         """Park replies that cannot be applied in ``<queue>.XQ``, with the (redacted)

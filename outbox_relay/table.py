@@ -200,19 +200,30 @@ class OutboxWriter:
         if built is not None:
             conn.exec_driver_sql(*built)
 
+    def leases(self, messages: Sequence[OutgoingMessage], *, along: Along | None = None) -> bool:
+        """Whether ``statement`` writes ``messages`` leased to this writer: then its one
+        row goes to ``direct.took``."""
+        guarded = along is not None and along.guarded
+        return self.lease is not None and bool(messages) and not guarded
+
     def statement(
-        self, messages: Sequence[OutgoingMessage], *, along: Along | None = None
+        self,
+        messages: Sequence[OutgoingMessage],
+        *,
+        along: Along | None = None,
+        lease: bool = True,
     ) -> tuple[str, dict[str, Any]] | None:
         """What ``write`` runs (SQL and parameters), for a caller that runs it later in
         the same transaction (roundtrips.Tail); None if there is nothing to run. With a
-        ``guarded`` ``along`` it returns one row, whose last column the caller reads."""
+        ``guarded`` ``along`` it returns one row, whose last column the caller reads.
+        ``lease=False``: written for the relay even by a leasing writer (``leases``)."""
         if not messages:
             if along is not None:
                 return along.alone(), dict(along.params)
             return None
         params: dict[str, Any]
         guarded = along is not None and along.guarded
-        if self.lease is not None and not guarded:
+        if lease and self.leases(messages, along=along):
             return self._leased(messages, along)
         if len(messages) == 1 and not guarded:
             m = messages[0]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -49,9 +48,9 @@ from structlog.contextvars import bound_contextvars
 
 from outbox_relay import coalescing
 from outbox_relay.consuming import CallbackConsumer, ChannelSpec
+from outbox_relay.direct import DirectPublisher, Source
 from outbox_relay.errors import MessageError
 from outbox_relay.message import Envelope
-from outbox_relay.table import OutgoingMessage
 from participants.broker import malformed
 from participants.context import log_context
 from participants.middleware import ParticipantMiddleware, redelivered, reject
@@ -137,16 +136,18 @@ class BatchWorker:
         self._attempts = itertools.count()
         self._consumer: CallbackConsumer
         # Direct publishing (docs/relay.md): replies leased for ``direct_lease`` seconds,
-        # published here after the commit; (binding, outbox row id, message) per tag.
+        # published here after the commit.
         self.direct_lease = direct_lease
-        self._unconfirmed: dict[int, tuple[Binding, int, OutgoingMessage]] = {}
-        self._returned: set[str] = set()
-        self._published = 0
+        self._direct: DirectPublisher | None = None
         if direct_lease is not None:
             if direct_lease <= 0:
                 raise ValueError("direct_lease must be positive")
             for binding in self._unique_bindings():
                 binding.writer.lease = direct_lease
+            self._direct = DirectPublisher(
+                [Source(b.participant.name, b.writer, b.engine) for b in self._unique_bindings()],
+                counted=lambda name, outcome: DIRECT_PUBLISHED.labels(name, outcome).inc(),
+            )
             # Each publish is three frames: one send per burst, not one per frame.
             coalescing.install()
 
@@ -194,10 +195,8 @@ class BatchWorker:
                 # Unacked deliveries come back from RabbitMQ on the next connection.
                 self._pending.clear()
                 self._delayed.clear()
-                # Unconfirmed rows stay leased: a relay publishes them once it ends.
-                self._unconfirmed.clear()
-                self._returned.clear()
-                self._published = 0
+                if self._direct is not None:
+                    self._direct.reset()
                 self._close()
         self._sweep()
 
@@ -217,8 +216,8 @@ class BatchWorker:
             # As dramatiq's delay consumers: delayed messages wait here, not in RabbitMQ.
             ChannelSpec(65535, [(dq_name(q), self._on_delayed) for q in self.queues]),
         ]
-        if self.direct_lease is not None:
-            channels.append(ChannelSpec(0, [], self._on_confirm, self._on_return))
+        if self._direct is not None:
+            channels.append(ChannelSpec(0, [], self._direct.on_confirm, self._direct.on_return))
         self._consumer = CallbackConsumer(
             self._parameters(),
             channels,
@@ -249,9 +248,8 @@ class BatchWorker:
 
     def _tick(self) -> float:
         self._release_due()
-        if self.direct_lease is not None:
-            self._publish()
-            self._sweep()
+        self._publish()
+        self._sweep()
         return self._idle()
 
     def _idle(self) -> float:
@@ -305,98 +303,19 @@ class BatchWorker:
             self._apply(self.bindings[queue], items, settled)
         for queue in groups:
             self.bindings[queue].failpoints("participant.after_commit_before_ack")
-        if self.direct_lease is not None:
-            self._publish()
+        self._publish()
         for tag in settled.nack:
             channel.basic_nack(tag, requeue=False)
         if settled.ack:
             channel.basic_ack(max(settled.ack), multiple=True)
 
     def _publish(self) -> None:
-        """Publish the rows leased to this worker's writers that committed."""
-        channel = self._consumer.opened(2)
-        if channel is None:
-            return  # not ready yet: the next pass or tick publishes them
-        for binding in self._unique_bindings():
-            direct = binding.writer.direct
-            for row_id, m in direct.ready:
-                channel.basic_publish(
-                    m.exchange,
-                    m.destination,
-                    m.body,
-                    BasicProperties(
-                        delivery_mode=2,
-                        message_id=m.message_id,
-                        correlation_id=m.correlation_id,
-                        content_type="application/json",
-                        headers=dict(m.headers) if m.headers is not None else None,
-                    ),
-                    mandatory=True,
-                )
-                self._published += 1
-                self._unconfirmed[self._published] = (binding, row_id, m)
-            direct.ready.clear()
-
-    def _on_confirm(self, method: Basic.Ack | Basic.Nack) -> None:
-        tag = int(method.delivery_tag)
-        tags = [t for t in self._unconfirmed if t <= tag] if method.multiple else [tag]
-        acked = isinstance(method, Basic.Ack)
-        published: list[OutgoingMessage] = []
-        for t in tags:
-            entry = self._unconfirmed.pop(t, None)
-            if entry is None:
-                continue
-            binding, row_id, m = entry
-            name = binding.participant.name
-            if acked and m.message_id not in self._returned:
-                binding.writer.direct.confirmed(row_id)
-                DIRECT_PUBLISHED.labels(name, "confirmed").inc()
-                published.append(m)
-            else:
-                # The relay retries a nacked row with backoff and parks a returned one.
-                self._returned.discard(m.message_id)
-                binding.writer.direct.refused(row_id)
-                DIRECT_PUBLISHED.labels(name, "refused").inc()
-                log.warning(
-                    "direct_publish_refused",
-                    message_id=m.message_id,
-                    correlation_id=m.correlation_id,
-                    reason="returned" if acked else "nacked",
-                )
-        if published and _info_enabled():
-            # As the relay's line for a batch: `sagabox trace` finds a saga's here too.
-            log.info(
-                "outbox_batch_published",
-                count=len(published),
-                direct=True,
-                message_ids=[m.message_id for m in published],
-                correlation_ids=[m.correlation_id for m in published],
-            )
-
-    def _on_return(
-        self, _: Channel, method: Basic.Return, properties: BasicProperties, __: bytes
-    ) -> None:
-        # A returned message is acked after its return: tell them apart by message id.
-        if properties.message_id:
-            self._returned.add(str(properties.message_id))
+        if self._direct is not None:
+            self._direct.publish(self._consumer.opened(2))
 
     def _sweep(self) -> None:
-        """Delete the confirmed rows and hand the refused ones to the relay, in a
-        transaction of their own (a batch's transaction takes them along when it can)."""
-        for binding in self._unique_bindings():
-            direct = binding.writer.direct
-            if not direct.unswept:
-                continue
-            try:
-                with binding.engine.begin() as conn:
-                    for sql, params in direct.sweep():
-                        conn.exec_driver_sql(sql, params)
-            except Exception as e:
-                # Left for the next sweep; past their lease, a relay publishes them again.
-                direct.rolled_back()
-                log.warning("direct_sweep_failed", error=repr(e))
-            else:
-                direct.swept()
+        if self._direct is not None:
+            self._direct.sweep()
 
     def _admit(self, delivery: _Delivery, settled: _Settled) -> _Item | None:
         """The delivery as an item to handle, or None once it is settled here (rejected,
@@ -490,12 +409,6 @@ class BatchWorker:
         self.broker.emit_before("nack", message)
         settled.nack.append(delivery.tag)
         message.clear_exception()
-
-
-def _info_enabled() -> bool:
-    """Whether info lines are written: asked before building a line's id lists."""
-    enabled = getattr(log, "is_enabled_for", None)
-    return enabled is None or bool(enabled(logging.INFO))
 
 
 def _decode(body: bytes, queue: str) -> Message[Any] | None:

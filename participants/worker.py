@@ -291,8 +291,14 @@ class WorkerConfig:
     failpoints: Failpoints = NO_FAILPOINTS
     # "relay": a relay publishes every row; "direct": the batch worker publishes its
     # replies after the commit, leased for ``publish_lease`` seconds (docs/relay.md).
-    publish: str = "relay"
+    # None: the worker's own default, default_publisher(worker).
+    publish: str | None = None
     publish_lease: float = 10.0
+
+
+def default_publisher(worker: str) -> str:
+    """Direct where the worker can publish (batch), else the relay (dramatiq's threads)."""
+    return "direct" if worker == "batch" else "relay"
 
 
 def load(module_name: str) -> list[Participant]:
@@ -333,14 +339,15 @@ def run(participants: Sequence[Participant], config: WorkerConfig, stop: threadi
     """Consume the participants' queues until ``stop`` is set, then shut down cleanly."""
     if config.worker not in WORKERS:
         raise ValueError(f"worker must be one of {WORKERS}, got {config.worker!r}")
-    if config.publish not in PUBLISHERS:
-        raise ValueError(f"publish must be one of {PUBLISHERS}, got {config.publish!r}")
-    if config.publish == "direct" and config.worker != "batch":
+    publish = config.publish or default_publisher(config.worker)
+    if publish not in PUBLISHERS:
+        raise ValueError(f"publish must be one of {PUBLISHERS}, got {publish!r}")
+    if publish == "direct" and config.worker != "batch":
         raise ValueError("direct publishing needs the batch worker (SAGABOX_PARTICIPANT_WORKER)")
     broker, engine = build(participants, config)
     worker: Worker | BatchWorker
     if config.worker == "batch":
-        lease = config.publish_lease if config.publish == "direct" else None
+        lease = config.publish_lease if publish == "direct" else None
         worker = BatchWorker(broker, batch_size=config.batch_size, direct_lease=lease)
     else:
         worker = Worker(broker, worker_threads=config.threads)

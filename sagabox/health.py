@@ -30,6 +30,9 @@ PRIVILEGES: dict[str, dict[str, str]] = {
     },
     "relay": {"sagabox.outbox": "SELECT, UPDATE, DELETE"},
 }
+# A process publishing its own rows (docs/relay.md, "Direct publishing") deletes them
+# too; its column grants (sagabox.roles) are not seen by a table-wide check.
+DIRECT_OUTBOX = "INSERT, DELETE"
 
 
 def schema_problems(url: str, branches: Sequence[str]) -> list[str]:
@@ -75,16 +78,22 @@ def report(process: str, problems: Sequence[str], ok: str) -> int:
     return 1 if problems else 0
 
 
-def database_problems(url: str, branches: Sequence[str], process: str) -> list[str]:
-    """Schema problems; once the schema is right, the privileges ``process`` lacks."""
-    return schema_problems(url, branches) or privilege_problems(url, process)
+def database_problems(
+    url: str, branches: Sequence[str], process: str, *, direct: bool = False
+) -> list[str]:
+    """Schema problems; once the schema is right, the privileges ``process`` lacks
+    (``direct``: publishing its own outbox rows)."""
+    return schema_problems(url, branches) or privilege_problems(url, process, direct=direct)
 
 
-def privilege_problems(url: str, process: str) -> list[str]:
+def privilege_problems(url: str, process: str, *, direct: bool = False) -> list[str]:
     """The tables the connecting role may not use the way ``process`` needs to."""
     where = f"database {describe_database(url)}"
+    wanted = dict(PRIVILEGES[process])
+    if direct:
+        wanted["sagabox.outbox"] = DIRECT_OUTBOX
     try:
-        missing = store.missing_privileges(url, PRIVILEGES[process])
+        missing = store.missing_privileges(url, wanted)
     except psycopg.Error as e:
         return [f"{where}: cannot check privileges: {str(e).strip() or repr(e)}"]
     return [f"{where}: this role lacks {privileges} on {table}" for table, privileges in missing]

@@ -5,12 +5,14 @@ Four roles (names with a configurable prefix, ``sagabox_`` by default):
 - ``<prefix>migrator`` owns schemas ``sagabox`` and ``examples`` and every table in
   them; it runs ``sagabox db upgrade``. Nothing else may change the schema.
 - ``<prefix>orchestrator``: saga and saga_history (read, insert, update), reply_inbox
-  (read, insert, delete: dedup and purge), outbox (insert, and read its ``id`` column).
+  (read, insert, delete: dedup and purge), outbox (insert; for direct publishing, read
+  the ``id``, ``message_id``, ``correlation_id`` and ``available_at`` columns, update
+  ``available_at`` and delete: never read a body).
 - ``<prefix>relay``: outbox only: SELECT, UPDATE (claims are ``FOR UPDATE``; backoff
   and parking update rows) and DELETE (confirmed rows). Its session options
   (``enable_seqscan``, ``jit``) and ``LISTEN`` need no privilege.
 - ``<prefix>participant``: command_inbox (read, insert, update, delete: dedup and
-  purge), outbox (insert, and read its ``id`` column), and the business tables of
+  purge), outbox (as the orchestrator's), and the business tables of
   the services whose branches are named (``example_<service>``: that module's
   tables in schema ``examples``).
 
@@ -45,8 +47,13 @@ from participants.examples import SERVICES
 BRANCHES = ("outbox", "orchestrator", "participant", *(f"example_{s}" for s in SERVICES))
 alembic_version = Table("alembic_version", MetaData(schema=SCHEMA))
 READ_WRITE = "SELECT, INSERT, UPDATE"
-# Writers only add rows; SQLAlchemy's INSERT ... RETURNING id needs SELECT on that column.
-WRITE_OUTBOX = "INSERT, SELECT (id)"
+# Writers add rows (SQLAlchemy's INSERT ... RETURNING id needs SELECT on that column);
+# publishing their own rows directly (docs/relay.md), they also read whether a row of
+# the saga is waiting and which rows they leased, delete the confirmed ones and hand
+# the refused ones back to the relay. Never the bodies: those are the relay's to read.
+WRITE_OUTBOX = (
+    "INSERT, DELETE, SELECT (id, message_id, correlation_id, available_at), UPDATE (available_at)"
+)
 
 
 @dataclass(frozen=True, slots=True)

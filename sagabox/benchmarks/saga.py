@@ -30,6 +30,7 @@ from sagabox.benchmarks import cpu, drive, store, workload
 from sagabox.benchmarks.drive import SAGA_TIMEOUT, Run, closed_loop, open_loop
 from sagabox.benchmarks.errors import BenchError
 from sagabox.benchmarks.result import Measured, Retention, SystemResult, unexpected
+from sagabox.settings.orchestrator import OrchestratorSettings
 from sagabox.settings.participant import ParticipantSettings
 from sagabox.supervisor import Supervisor
 from sagabox.up import DEFAULT_SAGAS, Replicas, UpConfig, specs
@@ -314,11 +315,19 @@ def _processes(replicas: int) -> str:
 
 def _worker(threads: int) -> str:
     settings = ParticipantSettings.from_env()
+    commands = (
+        "commands published by the orchestrator (direct)"
+        if OrchestratorSettings.from_env().publish == "direct"
+        else "commands published by the relay"
+    )
     if settings.worker == "batch":
-        published = (
-            "replies published by the workers (direct)"
+        replies = (
+            "replies by the workers (direct)"
             if settings.publish == "direct"
-            else "replies published by the relay"
+            else "replies by the relay"
         )
-        return f"batch worker, up to {settings.batch_size} commands per transaction, {published}"
-    return f"threads worker, {threads} threads"
+        return (
+            f"batch worker, up to {settings.batch_size} commands per transaction, "
+            f"{commands}, {replies}"
+        )
+    return f"threads worker, {threads} threads, {commands}, replies by the relay"

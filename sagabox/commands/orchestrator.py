@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         reply_retention=settings.reply_retention,
         purge_interval=settings.purge_interval,
         saga_retention=settings.saga_retention,
+        direct_lease=settings.publish_lease if settings.publish == "direct" else None,
         # 'raise' plays a connection lost between the commit and the ack: the consumer
         # reconnects and the broker redelivers the batch.
         failpoints=Failpoints.from_env(error=pika.exceptions.AMQPConnectionError),
@@ -86,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
 
 def check(settings: OrchestratorSettings) -> int:
     problems = [
-        *health.database_problems(settings.database_url, BRANCHES, "orchestrator"),
+        *health.database_problems(
+            settings.database_url,
+            BRANCHES,
+            "orchestrator",
+            direct=settings.publish == "direct",
+        ),
         *health.broker_problems(settings.amqp_url),
     ]
     return health.report("orchestrator", problems, "database (schema at head) and RabbitMQ ok")

@@ -72,7 +72,12 @@ def handle(args: argparse.Namespace) -> int:
 
 def check(settings: ParticipantSettings) -> int:
     problems = [
-        *health.database_problems(settings.database_url, BRANCHES, "participant"),
+        *health.database_problems(
+            settings.database_url,
+            BRANCHES,
+            "participant",
+            direct=settings.publish == "direct",
+        ),
         *health.broker_problems(settings.amqp_url),
     ]
     return health.report("participant", problems, "database (schema at head) and RabbitMQ ok")

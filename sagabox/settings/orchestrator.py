@@ -16,6 +16,7 @@ from sagabox.settings import (
 )
 
 DEFAULT_SAGAS = "participants.examples.sagas:registry"
+PUBLISHERS = ("direct", "relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class OrchestratorSettings:
     | SAGABOX_METRICS_INTERVAL | 5 | seconds between refreshes of the saga gauges |
     | SAGABOX_METRICS_LONG_RUNNING_SECONDS | 300 | age from which a saga counts as long-running |
     | SAGABOX_NOTIFY_SETTLED | true | NOTIFY settled sagas, for SagaWaiter (docs/sagas.md) |
+    | SAGABOX_ORCHESTRATOR_PUBLISH | direct | direct: publish the commands of replies and timers |
+    |   | | after the commit, the relay as the safety net; relay: the relay publishes all |
+    | SAGABOX_ORCHESTRATOR_PUBLISH_LEASE | 10 | seconds a relay leaves such a row alone |
     """
 
     database_url: str
@@ -52,6 +56,8 @@ class OrchestratorSettings:
     metrics_interval: float = 5.0
     long_running_seconds: float = 300.0
     notify_settled: bool = True
+    publish: str = "direct"
+    publish_lease: float = 10.0
     topology: Topology = field(default_factory=Topology)
 
     @classmethod
@@ -91,4 +97,6 @@ class OrchestratorSettings:
             metrics_interval=env.float("METRICS_INTERVAL", 5.0, minimum=0.1),
             long_running_seconds=env.float("METRICS_LONG_RUNNING_SECONDS", 300.0),
             notify_settled=env.bool("NOTIFY_SETTLED", True),
+            publish=env.choice("ORCHESTRATOR_PUBLISH", "direct", PUBLISHERS),
+            publish_lease=env.float("ORCHESTRATOR_PUBLISH_LEASE", 10.0, minimum=0.1),
         )

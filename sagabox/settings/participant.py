@@ -8,9 +8,10 @@ SAGABOX_PARTICIPANT_WORKER           batch (default): one thread handles the com
                                      Worker, a transaction per command on each thread
 SAGABOX_PARTICIPANT_BATCH_SIZE       most commands per transaction (batch; default 32)
 SAGABOX_PARTICIPANT_THREADS          worker threads per process (threads; default 8)
-SAGABOX_PARTICIPANT_PUBLISH          relay (default): a relay publishes the replies;
-                                     direct: the batch worker publishes them itself
-                                     after its commit, the relay as the safety net
+SAGABOX_PARTICIPANT_PUBLISH          direct (default with the batch worker): the worker
+                                     publishes its replies itself after its commit, the
+                                     relay as the safety net; relay (default with
+                                     threads): a relay publishes the replies
 SAGABOX_PARTICIPANT_PUBLISH_LEASE    seconds a relay leaves a directly published row
                                      alone (default 10)
 SAGABOX_PARTICIPANT_MAX_RETRIES      dramatiq retries of a technical failure (default 5)
@@ -29,10 +30,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT
-from participants.worker import PUBLISHERS, WORKERS, RetryPolicy, WorkerConfig
+from participants.worker import (
+    PUBLISHERS,
+    WORKERS,
+    RetryPolicy,
+    WorkerConfig,
+    default_publisher,
+)
 from sagabox.settings import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Env, amqp_url, database_url
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+DEFAULT_PUBLISH_LEASE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +51,8 @@ class ParticipantSettings:
     worker: str = "batch"
     batch_size: int = 32
     threads: int = 8
-    publish: str = "relay"
-    publish_lease: float = 10.0
+    publish: str = "direct"
+    publish_lease: float = DEFAULT_PUBLISH_LEASE
     max_retries: int = 5
     min_backoff_ms: int = 1000
     max_backoff_ms: int = 300_000
@@ -59,6 +67,7 @@ class ParticipantSettings:
     @classmethod
     def from_env(cls, env: Env | None = None) -> ParticipantSettings:
         env = env or Env()
+        worker = env.choice("PARTICIPANT_WORKER", "batch", WORKERS)
         return cls(
             database_url=database_url(
                 env.str("PARTICIPANT_DATABASE_URL", DEFAULT_DATABASE_URL),
@@ -66,11 +75,13 @@ class ParticipantSettings:
             ),
             amqp_url=amqp_url(env.str("AMQP_URL", DEFAULT_AMQP_URL), "SAGABOX_AMQP_URL"),
             processes=env.int("PARTICIPANT_PROCESSES", 1, minimum=1),
-            worker=env.choice("PARTICIPANT_WORKER", "batch", WORKERS),
+            worker=worker,
             batch_size=env.int("PARTICIPANT_BATCH_SIZE", 32, minimum=1),
             threads=env.int("PARTICIPANT_THREADS", 8, minimum=1),
-            publish=env.choice("PARTICIPANT_PUBLISH", "relay", PUBLISHERS),
-            publish_lease=env.float("PARTICIPANT_PUBLISH_LEASE", 10.0, minimum=0.1),
+            publish=env.choice("PARTICIPANT_PUBLISH", default_publisher(worker), PUBLISHERS),
+            publish_lease=env.float(
+                "PARTICIPANT_PUBLISH_LEASE", DEFAULT_PUBLISH_LEASE, minimum=0.1
+            ),
             max_retries=env.int("PARTICIPANT_MAX_RETRIES", 5),
             min_backoff_ms=env.int("PARTICIPANT_MIN_BACKOFF_MS", 1000, minimum=1),
             max_backoff_ms=env.int("PARTICIPANT_MAX_BACKOFF_MS", 300_000, minimum=1),

@@ -32,6 +32,7 @@ from orchestrator.tables import saga
 from outbox_relay.table import pending_rows
 from participants.examples.checks import SagaOutcome, Seed, check, seed
 from sagabox import faults
+from sagabox.settings.participant import DEFAULT_PUBLISH_LEASE
 from sagabox.supervisor import ProcessSpec, Supervisor
 from sagabox.up import Replicas, UpConfig, specs
 from tests import servers
@@ -39,6 +40,9 @@ from tests import servers
 SERVICES = ("inventory", "payment", "shipping", "loyalty")
 SEED = Seed(stock={"apple": 10_000}, balances={"alice": 10_000_000, "bob": 50})
 TERMINAL = ("completed", "compensated")
+# SAGABOX_PARTICIPANT_PUBLISH_LEASE's default: the longest a directly published row
+# may wait for a relay after its publisher died.
+LEASE_SECONDS = DEFAULT_PUBLISH_LEASE
 #: The outcome expected of a saga whose steps may time out during the fault: either
 #: end is right, as long as the invariants hold.
 EITHER = "completed or compensated"
@@ -171,7 +175,12 @@ class System:
         return sum(1 for s in self.outcomes().values() if s.status == status)
 
     def settle(self, timeout: float = 60) -> None:
-        """Wait until every saga started has ended."""
+        """Wait until every saga started has ended and every outbox has drained.
+
+        The outboxes drain while the processes run: a row a killed worker published
+        itself but never saw confirmed stays leased (SAGABOX_PARTICIPANT_PUBLISH_LEASE,
+        10 s) until a relay publishes it again, after its saga may have ended.
+        """
 
         def settled() -> bool:
             try:
@@ -180,8 +189,15 @@ class System:
                 return False
             return all(statuses[s].status in TERMINAL for s in self.expected)
 
+        def all_drained() -> bool:
+            try:
+                return all(drained(engine) for engine in self.engines.values())
+            except Exception:
+                return False
+
         try:
             wait_for(settled, timeout, "every saga to end")
+            wait_for(all_drained, LEASE_SECONDS + 20, "every outbox to drain")
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.logs_tail()}") from None
 

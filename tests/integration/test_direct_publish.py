@@ -4,7 +4,7 @@ its replies itself after the commit, the relay being the safety net (docs/relay.
 Against real PostgreSQL and RabbitMQ (a fresh database and vhost per test): replies
 reach RabbitMQ with no relay running and leave no row behind; a row whose lease ended
 unpublished is the relay's; a reply behind an earlier row of its saga is left to the
-relay, in order; a returned publish is handed to the relay."""
+relay, in order; a returned or nacked publish is handed to the relay."""
 
 from __future__ import annotations
 
@@ -72,9 +72,11 @@ def start(
     return worker, broker
 
 
-def declare(amqp_url: str, queue: str) -> None:
+def declare(amqp_url: str, *queues: str) -> None:
+    """Declare ``queues`` as dramatiq does (with their .DQ and .XQ)."""
     broker = ParticipantBroker(url=amqp_url)
-    broker.declare_queue(queue, ensure=True)
+    for queue in queues:
+        broker.declare_queue(queue, ensure=True)
     broker.close()
 
 
@@ -234,6 +236,38 @@ def test_a_returned_reply_is_handed_to_the_relay(
         worker.stop()
         broker.close()
     assert reply.correlation_id == cmd.correlation_id
+
+
+def test_a_nacked_reply_is_handed_to_the_relay_at_once(
+    engine: Engine, db_url: str, amqp_url: str
+) -> None:
+    # A full queue that rejects publishes: RabbitMQ nacks the reply.
+    queue = "replies_full"
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        connection.channel().queue_declare(
+            queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+    finally:
+        connection.close()
+    cmd = command("direct_ok", {"n": 1}, reply_to=queue)
+    worker, broker = start(engine, amqp_url, lease=60.0)
+    try:
+        send(amqp_url, [cmd])
+        # Released, not left leased for a minute: the relay may take it now.
+        wait_for(lambda: outbox_rows(db_url) == [(cmd.correlation_id, False, False)])
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            connection.channel().queue_delete(queue)
+        finally:
+            connection.close()
+        with running_relay(relay_config([db_url], amqp_url)):
+            [(reply, _)] = collect(amqp_url, 1, queue=queue)
+            wait_for(lambda: outbox_rows(db_url) == [])
+    finally:
+        worker.stop()
+        broker.close()
+    assert reply.correlation_id == cmd.correlation_id and reply.type == "succeeded"
 
 
 def test_a_leased_insert_leases_only_rows_without_an_earlier_row_of_their_saga(

@@ -351,8 +351,8 @@ def test_state_and_outbox_commit_together_or_not_at_all(engine: Engine, clock: C
     class Failing(OutboxWriter):
         fail = False
 
-        def statement(self, messages: Any, *, along: Any = None) -> Any:
-            built = super().statement(messages, along=along)
+        def statement(self, messages: Any, *, along: Any = None, lease: bool = True) -> Any:
+            built = super().statement(messages, along=along, lease=lease)
             if self.fail:
                 raise RuntimeError("crash after the saga was locked, before commit")
             return built

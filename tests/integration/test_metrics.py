@@ -279,14 +279,24 @@ def test_metrics_match_the_databases(template_db: str, amqp_url: str, tmp_path: 
         assert total(pay, "sagabox_participant_inbox_duplicates_total") == 0
         assert total(pay, "sagabox_participant_dead_lettered_total") == 0
 
-        # Relay: every command the orchestrator emitted and every reply was published.
+        # Every command the orchestrator emitted and every reply was published once: by
+        # the orchestrator and payment's worker themselves (direct publishing), or by
+        # the relay (the starts' commands, a row behind an earlier one of its saga).
         emitted = system.scalar(
             "orchestrator",
             "SELECT coalesce(sum(jsonb_array_length(emitted)), 0) FROM sagabox.saga_history"
             " WHERE jsonb_typeof(emitted) = 'array'",
         )
         published = total(relay, "sagabox_relay_published_total")
-        assert published == emitted + handled
+        commands = total(orch, "sagabox_orchestrator_direct_published_total", outcome="confirmed")
+        replies = total(pay, "sagabox_participant_direct_published_total", outcome="confirmed")
+        assert published + commands + replies == emitted + handled
+        assert published >= len(statuses) and commands >= 1 and replies >= 1
+        for scraped, name in (
+            (orch, "sagabox_orchestrator_direct_published_total"),
+            (pay, "sagabox_participant_direct_published_total"),
+        ):
+            assert total(scraped, name, outcome="refused") == 0
         assert total(relay, "sagabox_relay_confirm_seconds_count") >= 1
         assert total(relay, "sagabox_relay_outbox_parked") == 0
         assert total(relay, "sagabox_relay_parked_total") == 0

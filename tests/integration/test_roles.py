@@ -18,8 +18,10 @@ from sqlalchemy.orm import Session
 import migrations
 from orchestrator import Orchestrator, make_engine
 from orchestrator.tables import saga
+from outbox_relay.direct import DirectPublisher, Source
 from outbox_relay.message import Envelope, decode
 from outbox_relay.relay import check
+from outbox_relay.table import OutboxWriter, OutgoingMessage
 from participants.examples import inventory
 from participants.examples.sagas import registry
 from sagabox.cli import main
@@ -171,9 +173,48 @@ def test_orchestrator_and_participant_roles_run_a_saga_step_and_stay_in_their_la
     assert refused(participant_url, "SELECT body FROM sagabox.outbox")
     assert refused(participant_url, "SELECT count(*) FROM examples.accounts")  # payment's
     assert refused(orchestrator_url, "SELECT count(*) FROM sagabox.command_inbox")
-    assert refused(orchestrator_url, "DELETE FROM sagabox.outbox")
+    assert refused(orchestrator_url, "SELECT body FROM sagabox.outbox")
+    assert refused(orchestrator_url, "UPDATE sagabox.outbox SET body = ''")
     assert refused(orchestrator_url, "SELECT count(*) FROM examples.stock")
     assert refused(orchestrator_url, "DROP TABLE sagabox.saga")
+
+
+def test_the_writers_roles_may_publish_their_own_rows_but_not_read_bodies(
+    db_url: str, roles: Roles
+) -> None:
+    """Direct publishing's statements under the orchestrator's and the participant's
+    roles: the leased inserts (one row, several rows, each asking whether a row of the
+    saga waits), the delete of a confirmed row, the release of a refused one."""
+    for role in (roles.orchestrator, roles.participant):
+        url = as_role(db_url, role)
+        engine = make_engine(url, pool_size=1)
+        writer = OutboxWriter(lease=30.0)
+        saga_id = str(uuid.uuid4())
+        try:
+            for sagas in ([saga_id], [saga_id, str(uuid.uuid4())]):
+                messages = [OutgoingMessage(str(uuid.uuid4()), s, "q", "{}") for s in sagas]
+                with engine.begin() as conn:
+                    built = writer.statement(messages)
+                    assert built is not None
+                    row = conn.exec_driver_sql(*built).first()
+                    writer.direct.took(None if row is None else tuple(row))
+                writer.direct.committed()
+            # The saga's second row waited behind its first: the relay's, not leased.
+            [(confirmed, _), (refused_id, _)] = writer.direct.ready
+            writer.direct.confirmed(confirmed)
+            writer.direct.refused(refused_id)
+            DirectPublisher([Source(role, writer, engine)]).sweep()
+            assert not writer.direct.unswept, f"{role} could not sweep"
+        finally:
+            engine.dispose()
+        with psycopg.connect(db_url) as conn:
+            left = conn.execute(
+                "SELECT correlation_id::text, available_at IS NOT NULL FROM sagabox.outbox "
+                "ORDER BY id"
+            ).fetchall()
+            conn.execute("DELETE FROM sagabox.outbox")
+        assert sorted(left) == sorted([(saga_id, False), (str(messages[1].correlation_id), False)])
+        assert refused(url, "SELECT body FROM sagabox.outbox")
 
 
 def test_the_migrator_owns_the_schema_and_may_rerun_the_grants(db_url: str, roles: Roles) -> None:

@@ -26,9 +26,12 @@ def trace(
     return code, out, err
 
 
-def assert_published_by_the_relay(document: dict[str, Any], text: str) -> None:
-    """Every step and compensation of the saga, each published by the relay, as the
-    relay's batch lines say at INFO (every process runs at the default level)."""
+def assert_published(document: dict[str, Any], text: str) -> None:
+    """Every step and compensation of the saga published, as the publishers' batch
+    lines say at INFO (every process runs at the default level): the first command by
+    the relay (a start has no consumer to publish with), the others by the orchestrator
+    itself (direct publishing) or the relay (one behind an earlier row of its saga);
+    every reply by payment's worker itself or the relay."""
     hops = document["hops"]
     assert [(h["step"], h["kind"]) for h in hops] == [
         ("authorize", "command"),
@@ -40,23 +43,27 @@ def assert_published_by_the_relay(document: dict[str, Any], text: str) -> None:
         "step_failed",
         "compensation_succeeded",
     ]
+    assert hops[0]["published_by"].startswith("relay pid "), hops[0]
     for hop in hops:
         assert hop["published"] is not None, hop
-        assert hop["published_by"].startswith("relay pid "), hop
+        assert hop["published_by"].startswith(("relay pid ", "orchestrator pid ")), hop
         written, published, replied = (
             datetime.fromisoformat(hop[k]) for k in ("written", "published", "replied")
         )
         assert written <= published <= replied, hop
     lines = [e for e in document["timeline"] if e["what"] == "outbox_published"]
-    # The participant's replies go through its outbox and the relay too.
-    assert {h["message_id"] for h in hops} < {e["message_id"] for e in lines}
+    commands = {h["message_id"] for h in hops}
+    assert commands < {e["message_id"] for e in lines}
     assert len(lines) == 2 * len(hops)
-    assert {(e["source"], e["where"], e["data"]["level"]) for e in lines} == {
-        ("log", "relay", "info")
-    }
-    published_lines = [line for line in text.splitlines() if "published by relay pid " in line]
+    assert {(e["source"], e["data"]["level"]) for e in lines} == {("log", "info")}
+    assert {e["where"] for e in lines if e["message_id"] in commands} <= {"relay", "orchestrator"}
+    assert {e["where"] for e in lines if e["message_id"] not in commands} <= {"relay", "payment"}
+    published_lines = [line for line in text.splitlines() if "published by " in line]
     for hop in hops:
-        assert any(f"message_id={hop['message_id'][:8]}" in line for line in published_lines)
+        assert any(
+            f"published by {hop['published_by']}; message_id={hop['message_id'][:8]}" in line
+            for line in published_lines
+        )
 
 
 def assert_every_process_logged(folder: Path, correlation_id: str) -> None:
@@ -139,7 +146,7 @@ def test_trace_merges_history_outbox_inbox_and_logs(
     assert "void_authorization" in compensated_text or "compensation" in compensated_text
     assert "where time went" in compensated_text
     assert "compensated" in compensated_text.splitlines()[0]
-    assert_published_by_the_relay(compensated, compensated_text)
+    assert_published(compensated, compensated_text)
     assert_every_process_logged(system.file_log_dir, risky)
 
     # Written but never published (the relay is down): the pending outbox row shows.

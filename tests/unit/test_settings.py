@@ -174,13 +174,28 @@ def test_the_participant_worker_is_batch_unless_threads_is_chosen() -> None:
     assert (chosen.worker, chosen.batch_size) == ("threads", 8)
 
 
-def test_the_relay_publishes_the_replies_unless_direct_is_chosen() -> None:
+def test_the_batch_worker_publishes_its_replies_and_threads_leave_them_to_the_relay() -> None:
     default = ParticipantSettings.from_env(Env({})).worker_config()
-    assert (default.publish, default.publish_lease) == ("relay", 10.0)
+    assert (default.publish, default.publish_lease) == ("direct", 10.0)
+    threads = ParticipantSettings.from_env(Env({"SAGABOX_PARTICIPANT_WORKER": "threads"}))
+    assert threads.worker_config().publish == "relay"
     chosen = ParticipantSettings.from_env(
-        Env({"SAGABOX_PARTICIPANT_PUBLISH": "direct", "SAGABOX_PARTICIPANT_PUBLISH_LEASE": "30"})
+        Env({"SAGABOX_PARTICIPANT_PUBLISH": "relay", "SAGABOX_PARTICIPANT_PUBLISH_LEASE": "30"})
     ).worker_config()
-    assert (chosen.publish, chosen.publish_lease) == ("direct", 30.0)
+    assert (chosen.publish, chosen.publish_lease) == ("relay", 30.0)
+
+
+def test_the_orchestrator_publishes_its_commands_unless_the_relay_is_chosen() -> None:
+    default = OrchestratorSettings.from_env(Env({}))
+    assert (default.publish, default.publish_lease) == ("direct", 10.0)
+    chosen = OrchestratorSettings.from_env(
+        Env({"SAGABOX_ORCHESTRATOR_PUBLISH": "Relay", "SAGABOX_ORCHESTRATOR_PUBLISH_LEASE": "3"})
+    )
+    assert (chosen.publish, chosen.publish_lease) == ("relay", 3.0)
+    with pytest.raises(ConfigurationError, match="SAGABOX_ORCHESTRATOR_PUBLISH must be one of"):
+        OrchestratorSettings.from_env(Env({"SAGABOX_ORCHESTRATOR_PUBLISH": "eager"}))
+    with pytest.raises(ConfigurationError, match="SAGABOX_ORCHESTRATOR_PUBLISH_LEASE"):
+        OrchestratorSettings.from_env(Env({"SAGABOX_ORCHESTRATOR_PUBLISH_LEASE": "0"}))
 
 
 def test_the_orchestrator_notifies_settled_sagas_unless_told_not_to() -> None:
