@@ -141,6 +141,7 @@ class ReplyConsumer:
             work=self._work,
             tick=self._tick,
             stopping=self._stopping,
+            owed=self._direct.owed if self._direct is not None else None,
         )
         self._consumer.run(on_ready=lambda: log.info("orchestrator_consuming", queue=self.queue))
 

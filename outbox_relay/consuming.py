@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -64,6 +65,8 @@ class CallbackConsumer:
         tick: Callable[[], float],
         stopping: threading.Event,
         close_timeout: float = 5.0,
+        owed: Callable[[], bool] | None = None,
+        grace: float = 2.0,
     ) -> None:
         self.parameters = parameters
         self.specs = list(channels)
@@ -71,6 +74,11 @@ class CallbackConsumer:
         self.tick = tick
         self.stopping = stopping
         self.close_timeout = close_timeout
+        # Whether confirms are still owed for what was published: once ``stopping`` is
+        # set, the connection stays open for them up to ``grace`` seconds.
+        self.owed = owed
+        self.grace = grace
+        self._stop_seen: float | None = None
         self._channels: dict[int, Channel] = {}
         self._connection: pika.SelectConnection | None = None
         self._scheduled = False
@@ -83,6 +91,7 @@ class CallbackConsumer:
         ``stopping`` is set, raise what ended the connection otherwise."""
         self._on_ready = on_ready
         self._scheduled = self._closing = False
+        self._stop_seen = None
         self._error = None
         self._channels = {}
         connection = pika.SelectConnection(
@@ -185,11 +194,25 @@ class CallbackConsumer:
         if self._closing:
             return
         if self.stopping.is_set():
+            if self._owing() and self._connection is not None:
+                # Confirmed now, their rows are deleted now, rather than published again
+                # by a relay once their lease ends (docs/relay.md, "Direct publishing").
+                self._connection.ioloop.call_later(0.01, self._tick)
+                return
             self._close()
             return
         delay = self._guarded(self.tick)
         if delay is not None and self._connection is not None and not self._closing:
             self._connection.ioloop.call_later(max(0.0, delay), self._tick)
+
+    def _owing(self) -> bool:
+        """Whether to wait for confirms a little longer before closing."""
+        if self.owed is None or not self._guarded(self.owed):
+            return False
+        now = time.monotonic()
+        if self._stop_seen is None:
+            self._stop_seen = now
+        return now - self._stop_seen < self.grace
 
     def _guarded(self, call: Callable[[], T]) -> T | None:
         if self._closing:

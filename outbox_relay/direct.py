@@ -147,6 +147,10 @@ class DirectPublisher:
             else:
                 direct.swept()
 
+    def owed(self) -> bool:
+        """Whether confirms are still to come (a stopping consumer waits for them)."""
+        return bool(self._unconfirmed)
+
     def reset(self) -> None:
         """The connection is gone: unconfirmed rows stay leased, and a relay publishes
         them once their lease ends (a duplicate if RabbitMQ had them: the inboxes

@@ -142,3 +142,38 @@ def test_a_broker_that_cannot_be_reached_ends_run_with_a_connection_error() -> N
     )
     with pytest.raises(pika.exceptions.AMQPConnectionError):
         consumer.run()
+
+
+def test_a_stopping_consumer_waits_for_the_confirms_it_is_owed(amqp_url: str) -> None:
+    # Direct publishing deletes a row once its confirm came: a consumer told to stop
+    # right after publishing keeps its connection until the confirms are in.
+    publish(amqp_url, 0)  # declares the queue
+    stopping = threading.Event()
+    confirmed: list[int] = []
+    published = 500
+
+    def on_confirm(method: Basic.Ack | Basic.Nack) -> None:
+        tag = int(method.delivery_tag)
+        confirmed.extend(range(len(confirmed) + 1, tag + 1) if method.multiple else [tag])
+
+    def tick() -> float:
+        channel = consumer.channel(0)
+        for i in range(published):
+            channel.basic_publish("", QUEUE, str(i).encode(), BasicProperties(delivery_mode=2))
+        stopping.set()
+        return 0.0  # the next pass of the loop sees it: before the confirms came
+
+    consumer = CallbackConsumer(
+        pika.URLParameters(amqp_url),
+        [ChannelSpec(0, [], on_confirm)],
+        work=lambda: None,
+        tick=tick,
+        stopping=stopping,
+        owed=lambda: len(confirmed) < published,
+    )
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert len(confirmed) == published
+    wait_for(lambda: in_queue(amqp_url) == published)
