@@ -667,12 +667,16 @@ def _translated() -> Iterator[None]:
 
 
 @contextmanager
-def _transaction(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
+def _transaction(
+    engine: Engine, outbox: OutboxWriter, *, direct: bool = False
+) -> Iterator[Connection]:
     try:
         with _translated(), engine.begin() as conn:
             yield conn
     except BaseException:
-        outbox.rolled_back()
+        # Only the reply consumer's transactions (direct) lease: a start or an operator
+        # action failing on another thread must not forget what the consumer leased.
+        outbox.rolled_back(leasing=direct)
         raise
 
 
@@ -684,7 +688,7 @@ def _autocommit(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
         with _translated(), engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
     except BaseException:
-        outbox.rolled_back()
+        outbox.rolled_back(leasing=False)
         raise
 
 
@@ -692,7 +696,7 @@ def _autocommit(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
 def _transaction_with_tail(
     engine: Engine, outbox: OutboxWriter, *, direct: bool = False
 ) -> Iterator[tuple[Connection, Tail]]:
-    with _transaction(engine, outbox) as conn:
+    with _transaction(engine, outbox, direct=direct) as conn:
         tail = Tail()
         if direct:
             # Confirmed rows deleted before this transaction's insert, not after it: a

@@ -262,11 +262,13 @@ class OutboxWriter:
         self._last_notify, self._debouncing = now, debouncing
         return sql, params
 
-    def rolled_back(self) -> None:
+    def rolled_back(self, *, leasing: bool = True) -> None:
         """The caller's transaction failed: its NOTIFY may never have gone out, so the
-        next write must not be skipped on the strength of it."""
+        next write must not be skipped on the strength of it; and (``leasing``: it was
+        the thread that leases) what it leased or swept is forgotten."""
         self._last_notify, self._debouncing = float("-inf"), False
-        self.direct.rolled_back()
+        if leasing:
+            self.direct.rolled_back()
 
     def _leased(
         self, messages: Sequence[OutgoingMessage], along: Along | None

@@ -140,6 +140,12 @@ class Binding:
                         session.begin(),
                         roundtrips.holding(session.connection(), tail := Tail()),
                     ):
+                        # Confirmed rows deleted ahead of the handlers' inserts: a
+                        # saga's next reply is leased only if no row of the saga is
+                        # left (docs/relay.md, "Direct publishing"). Held back, they
+                        # ride with the batch's next round trip.
+                        for sql, params in self.writer.direct.sweep():
+                            tail.defer(sql, params)
                         reserved = reserve(session, envelopes)
                         try:
                             for index, envelope in enumerate(envelopes):
@@ -156,8 +162,6 @@ class Binding:
                             rollback_keeping_prepared(session)
                             raise
                         self.failpoints("participant.before_commit")
-                        for sql, params in self.writer.direct.sweep():
-                            tail.defer(sql, params)
                         tail.commit(session)
                     committed()
                 self.writer.direct.committed()

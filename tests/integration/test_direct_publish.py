@@ -56,7 +56,12 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 
 def start(
-    engine: Engine, amqp_url: str, *, lease: float = 10.0, failpoints: Failpoints | None = None
+    engine: Engine,
+    amqp_url: str,
+    *,
+    lease: float = 10.0,
+    failpoints: Failpoints | None = None,
+    idle_timeout: float = 0.05,
 ) -> tuple[BatchWorker, ParticipantBroker]:
     broker = ParticipantBroker(url=amqp_url)
     bind(
@@ -67,7 +72,7 @@ def start(
         failpoints=failpoints or NO_FAILPOINTS,
     )
     broker.declare_queue(QUEUE, ensure=True)
-    worker = BatchWorker(broker, batch_size=8, idle_timeout=0.05, direct_lease=lease)
+    worker = BatchWorker(broker, batch_size=8, idle_timeout=idle_timeout, direct_lease=lease)
     worker.start()
     return worker, broker
 
@@ -217,6 +222,32 @@ def test_a_reply_behind_an_earlier_row_of_its_saga_is_left_to_the_relay(
         worker.stop()
         broker.close()
     assert reply.correlation_id == cmd.correlation_id and reply.type == "succeeded"
+
+
+def test_a_sagas_next_reply_is_published_directly_once_its_last_one_was_confirmed(
+    engine: Engine, db_url: str, amqp_url: str
+) -> None:
+    # Two steps of one saga at one participant (authorize, then risk, say). The first
+    # reply is confirmed, not yet deleted: no tick runs for 5 s, so only the next
+    # batch's transaction deletes it, and it must do so before its insert, or the
+    # second reply would find it and wait for a relay (none runs here).
+    declare(amqp_url, DEFAULT_REPLY_QUEUE)
+    saga_id = str(uuid.uuid4())
+    worker, broker = start(engine, amqp_url, idle_timeout=5.0)
+    try:
+        send(amqp_url, [command("direct_ok", {"n": 1}, saga_id=saga_id, step="first")])
+        [(first, _)] = collect(amqp_url, 1)
+        time.sleep(0.3)  # its confirm reaches the worker
+        assert [c for c, _, _ in outbox_rows(db_url)] == [saga_id]  # confirmed, not swept
+        send(amqp_url, [command("direct_ok", {"n": 2}, saga_id=saga_id, step="second")])
+        [(second, _)] = collect(amqp_url, 1, timeout=5.0)
+        assert (first.step, second.step) == ("first", "second")
+        # The batch deleted the first row; the second waits for the next sweep.
+        assert [c for c, leased, _ in outbox_rows(db_url) if not leased] == []
+    finally:
+        worker.stop()
+        broker.close()
+    assert outbox_rows(db_url) == []  # swept on the way out
 
 
 def test_a_returned_reply_is_handed_to_the_relay(

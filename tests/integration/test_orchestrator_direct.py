@@ -138,3 +138,24 @@ def test_a_command_no_queue_takes_is_handed_to_the_relay_at_once(
         [(charge, _)] = collect(amqp_url, 1, queue="payment")
         wait_for(lambda: outbox_rows(db_url) == [])
     assert (charge.correlation_id, charge.step) == (saga_id, "charge")
+
+
+def test_the_next_command_is_leased_once_the_last_one_was_confirmed(
+    orch: Orchestrator, db_url: str
+) -> None:
+    # The transaction applying a reply deletes the confirmed command it answers before
+    # it inserts the next one: else the next one would find it and go to the relay.
+    orch.outbox.lease = 30.0  # as a reply consumer with direct_lease sets it
+    direct = orch.outbox.direct
+    saga_id = orch.start("order", DATA)
+    published_by_a_relay(db_url)
+    orch.handle_replies([reply(saga_id, "reserve", "succeeded", result={"reservation_id": "r"})])
+    [(charge_row, charge)] = direct.ready
+    direct.ready.clear()
+    direct.confirmed(charge_row)  # as the publisher does once RabbitMQ confirmed it
+    assert outbox_rows(db_url) == [(saga_id, "payment", True)]
+    orch.handle_replies([reply(saga_id, "charge", "succeeded")])
+    [(_, capture)] = direct.ready
+    assert (charge.destination, capture.destination) == ("payment", "payment")
+    assert outbox_rows(db_url) == [(saga_id, "payment", True)]  # the capture, leased
+    assert not direct.unswept
