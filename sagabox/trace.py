@@ -6,15 +6,16 @@ Sources, merged into one timeline sorted by time:
   of the commands each one emitted);
 - outbox rows still pending (written, not yet published) in every database;
 - the participants' inbox records (received_at, status, the stored reply);
-- the JSON log lines whose ``correlation_id`` is the saga's id, and the relay's
+- the JSON log lines whose ``correlation_id`` is the saga's id, and the
   ``outbox_batch_published`` lines whose ``correlation_ids`` list it (one timeline
-  entry per message of the saga in the batch).
+  entry per message of the saga in the batch): the relay's, and those of the
+  orchestrator and the workers publishing their own rows (``direct``).
 
 From those it works out, for each command or compensation sent, where the time went:
-written (history) -> published (the relay's batch line, or its per-message debug
-line ``outbox_published``) -> received (inbox row or first participant log line) ->
-handled (participant log) -> reply applied (orchestrator log, else the step's next
-history row).
+written (history) -> published (its publisher's batch line, or the relay's
+per-message debug line ``outbox_published``) -> received (inbox row or first
+participant log line) -> handled (participant log) -> reply applied (orchestrator log,
+else the step's next history row).
 
 Reading is done by sagabox.store (SQL) and ``read_logs``; everything else here
 is pure.
