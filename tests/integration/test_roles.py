@@ -297,3 +297,11 @@ def test_a_health_check_names_a_table_its_role_may_not_use(
     monkeypatch.setenv("SAGABOX_RELAY_DATABASE_URLS", as_role(db_url, roles.relay))
     assert main(["relay", "--check"]) == 1
     assert "lacks UPDATE on sagabox.outbox" in capsys.readouterr().err
+    # A worker publishing its own replies (the default) deletes them once confirmed.
+    run_sql(db_url, [f'REVOKE DELETE ON sagabox.outbox FROM "{roles.participant}"'])
+    monkeypatch.setenv("SAGABOX_PARTICIPANT_DATABASE_URL", as_role(db_url, roles.participant))
+    participant = ["participant", "participants.examples.inventory", "--check"]
+    assert main(participant) == 1
+    assert "lacks DELETE on sagabox.outbox" in capsys.readouterr().err
+    monkeypatch.setenv("SAGABOX_PARTICIPANT_PUBLISH", "relay")
+    assert main(participant) == 0, capsys.readouterr()
