@@ -237,7 +237,7 @@ def test_a_sagas_next_reply_is_published_directly_once_its_last_one_was_confirme
     try:
         send(amqp_url, [command("direct_ok", {"n": 1}, saga_id=saga_id, step="first")])
         [(first, _)] = collect(amqp_url, 1)
-        time.sleep(0.3)  # its confirm reaches the worker
+        wait_for(lambda: worker.bindings[QUEUE].writer.direct.unswept)  # confirmed
         assert [c for c, _, _ in outbox_rows(db_url)] == [saga_id]  # confirmed, not swept
         send(amqp_url, [command("direct_ok", {"n": 2}, saga_id=saga_id, step="second")])
         [(second, _)] = collect(amqp_url, 1, timeout=5.0)
