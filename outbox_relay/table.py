@@ -137,12 +137,15 @@ class DirectRows:
 
 
 # A row of the same saga written behind a leased one is the relay's, which could not
-# claim it before: woken once the leased row is gone (it would poll only idly).
+# claim it before: woken once the leased row is gone (it would poll only idly). The
+# statement's snapshot still holds the rows it deletes: they must not count, or every
+# sweep wakes every relay for an empty claim (and each NOTIFY serialises a commit).
 _DELETE_CONFIRMED = (
     f"WITH deleted AS (DELETE FROM {SCHEMA}.outbox WHERE id = ANY(%(ids)s::bigint[]) "
     "RETURNING correlation_id) "
     f"SELECT pg_notify('{NOTIFY_CHANNEL}', '') WHERE EXISTS (SELECT FROM {SCHEMA}.outbox o "
-    "JOIN deleted d ON o.correlation_id = d.correlation_id)"
+    "JOIN deleted d ON o.correlation_id = d.correlation_id "
+    "WHERE o.id <> ALL(%(ids)s::bigint[]))"
 )
 # Refused: due now, for a relay to retry with backoff or park, as any row it publishes.
 _RELEASE_REFUSED = (

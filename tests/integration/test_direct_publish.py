@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, decode, encode
-from outbox_relay.table import OutboxWriter, OutgoingMessage
+from outbox_relay.table import NOTIFY_CHANNEL, OutboxWriter, OutgoingMessage
 from participants import BusinessFailure, Context, Participant, Payload
 from participants.batching import BatchWorker
 from participants.broker import ParticipantBroker
@@ -340,3 +340,36 @@ def test_direct_publishing_needs_the_batch_worker(amqp_url: str, db_url: str) ->
         run([direct], config, threading.Event())
     with pytest.raises(ValueError, match="publish must be one of"):
         run([direct], WorkerConfig(db_url, amqp_url, publish="eager"), threading.Event())
+
+
+def test_a_sweep_wakes_the_relay_only_for_rows_left_behind_its_deleted_ones(
+    engine: Engine, db_url: str
+) -> None:
+    def message(saga: str) -> OutgoingMessage:
+        return OutgoingMessage(str(uuid.uuid4()), saga, "q", "{}")
+
+    alone, followed = str(uuid.uuid4()), str(uuid.uuid4())
+    writer = OutboxWriter(lease=30.0)
+    with engine.begin() as conn:
+        built = writer.statement([message(alone), message(followed)])
+        assert built is not None
+        writer.direct.took(tuple(conn.exec_driver_sql(*built).one()))
+    writer.direct.committed()
+    (alone_id, _), (followed_id, _) = writer.direct.ready
+    with engine.begin() as conn:
+        OutboxWriter().write(conn, [message(followed)])  # behind a leased row: the relay's
+
+    def notified_by_sweeping(row_id: int) -> bool:
+        with psycopg.connect(db_url, autocommit=True) as listening:
+            listening.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            writer.direct.confirmed(row_id)
+            with engine.begin() as conn:
+                for sql, params in writer.direct.sweep():
+                    conn.exec_driver_sql(sql, params)
+            writer.direct.swept()
+            return any(True for _ in listening.notifies(timeout=0.5, stop_after=1))
+
+    # The statement still sees the rows it deletes: they must not count as left behind.
+    assert not notified_by_sweeping(alone_id)
+    assert notified_by_sweeping(followed_id)
+    assert [leased for _, leased, _ in outbox_rows(db_url)] == [False]
