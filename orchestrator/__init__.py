@@ -15,6 +15,7 @@ from orchestrator.errors import (
 )
 from orchestrator.machine import Command, Transition, start, transition
 from orchestrator.registry import Registry
+from orchestrator.starts import StartPublisher
 from orchestrator.state import SagaState, SagaStatus, StepState, StepStatus
 from orchestrator.store import make_engine
 from orchestrator.waiting import SagaWaiter, WaitMark
@@ -37,6 +38,7 @@ __all__ = [
     "SagaStatus",
     "SagaView",
     "SagaWaiter",
+    "StartPublisher",
     "Step",
     "StepState",
     "StepStatus",

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from sqlalchemy import Engine
@@ -53,7 +53,10 @@ from orchestrator.validation import check_input
 from outbox_relay import roundtrips, tracing
 from outbox_relay.message import DEFAULT_REPLY_QUEUE, Envelope, encode, is_valid_traceparent
 from outbox_relay.roundtrips import Tail
-from outbox_relay.table import OutboxWriter, OutgoingMessage
+from outbox_relay.table import OutboxWriter, OutgoingMessage, leased_statement
+
+if TYPE_CHECKING:  # orchestrator.starts imports orchestrator.metrics, which imports us
+    from orchestrator.starts import StartPublisher
 
 log = structlog.get_logger("sagabox.orchestrator")
 
@@ -102,7 +105,10 @@ class Orchestrator:
         clock: Callable[[], float] = time.time,
         outbox: OutboxWriter | None = None,
         notify_settled: bool = True,
+        starts: StartPublisher | None = None,
     ) -> None:
+        if starts is not None and starts.engine is not engine:
+            raise ValueError("the StartPublisher must use the orchestrator's engine")
         self.engine = engine
         self.registry = registry
         self.reply_queue = reply_queue
@@ -111,6 +117,9 @@ class Orchestrator:
         # Wakes SagaWaiters (orchestrator.waiting); each NOTIFY serialises a commit, so
         # a deployment where no caller waits may turn it off.
         self.notify_settled = notify_settled
+        # Publishes the first commands of the starts that commit on their own, from this
+        # process (orchestrator.starts); None: the relay publishes them.
+        self.starts = starts
 
     # -- starting ----------------------------------------------------------------
 
@@ -129,7 +138,9 @@ class Orchestrator:
         With ``connection`` (a SQLAlchemy Connection or Session), everything is written
         in the caller's transaction, which the caller commits: an order row and its
         saga appear together or not at all. Without it, the saga commits on its own.
-        Starting twice with one ``idempotency_key`` returns the first saga's id.
+        Starting twice with one ``idempotency_key`` returns the first saga's id. With a
+        ``StartPublisher`` (``starts``) and no ``connection``, its thread publishes the
+        saga's first commands; otherwise the relay does.
         ``traceparent`` (W3C trace context) is kept with the saga and sent with each
         of its messages, so the caller's trace follows the saga everywhere.
         """
@@ -157,11 +168,13 @@ class Orchestrator:
         ):
             if connection is None:
                 # One statement, atomic on its own: no BEGIN, one round trip.
+                starts = self.starts if self.starts is not None and self.starts.ready else None
                 with _autocommit(self.engine, self.outbox) as conn:
-                    return self._start(conn, *args, traceparent=traceparent)
+                    return self._start(conn, *args, traceparent=traceparent, starts=starts)
             with _translated():
                 conn = connection.connection() if isinstance(connection, Session) else connection
-                return self._start(conn, *args, traceparent=traceparent)
+                # Committed by the caller, when we cannot tell: the relay's.
+                return self._start(conn, *args, traceparent=traceparent, starts=None)
 
     def _start(
         self,
@@ -172,7 +185,9 @@ class Orchestrator:
         idempotency_key: str | None,
         *,
         traceparent: str | None,
+        starts: StartPublisher | None,
     ) -> str:
+        """``starts``: the statement commits on its own, and its leased rows go to it."""
         definition = self.registry.get(name, version)
         saga_id = str(uuid.uuid4())
         now = self.clock()
@@ -197,16 +212,31 @@ class Orchestrator:
             idempotency_key,
             started,
         )
-        # For the relay: the caller's thread is not the reply consumer's, which
-        # publishes the rows its writer leased (a start is called from anywhere).
-        built = self.outbox.statement(messages, along=store.new_saga(new), lease=False)
+        along = store.new_saga(new)
+        leased = starts is not None and bool(messages)
+        built: tuple[str, dict[str, Any]] | None
+        if starts is not None and messages:
+            built = leased_statement(messages, along=along, lease=starts.lease)
+        else:
+            # For the relay: the caller's thread is not the reply consumer's, which
+            # publishes the rows its writer leased (a start is called from anywhere).
+            built = self.outbox.statement(messages, along=along, lease=False)
         assert built is not None  # the saga row is always in it
-        if idempotency_key is None:
+        if idempotency_key is None and not leased:
             conn.exec_driver_sql(*built)
             self._log_started(saga_id, name, version, t)
             return saga_id
-        # Its one row's last column says whether the key was new.
+        # One row: the leased rows' ids and message ids (leased), then whether the key
+        # was new (with a key).
         row = conn.exec_driver_sql(*built).one()
+        if starts is not None and leased:
+            took = row[:-1] if idempotency_key is not None else row
+            if took[-2]:
+                sent = {m.message_id: m for m in messages}
+                starts.submit([(i, sent[mid]) for i, mid in zip(took[-2], took[-1], strict=True)])
+        if idempotency_key is None:
+            self._log_started(saga_id, name, version, t)
+            return saga_id
         if not row[-1]:
             existing = store.find_by_key(conn, name, idempotency_key)
             if existing is None:  # pragma: no cover - the conflicting row was deleted meanwhile

@@ -54,6 +54,13 @@ DIRECT_PUBLISHED = Counter(
     "confirmed (then deleted) or refused (nacked or returned, handed to the relay)",
     ["outcome"],
 )
+STARTS_PUBLISHED = Counter(
+    "sagabox_orchestrator_starts_published",
+    "First commands of sagas started in this process that its StartPublisher published "
+    "(orchestrator.starts), by outcome: confirmed (then deleted) or refused (nacked or "
+    "returned, handed to the relay)",
+    ["outcome"],
+)
 TIMERS_FIRED = Counter(
     "sagabox_orchestrator_timers_fired",
     "Sagas whose deadline or scheduled retry fired (timeouts and retries)",

@@ -18,7 +18,8 @@ runs every so often (its return value says when next) for what the thread does b
 unacked deliveries go back to their queues, and the exception is raised to the caller,
 who reconnects as it did with the blocking adapter.
 
-Everything here runs on the thread that called ``run()``; only ``stopping`` is shared.
+Everything here runs on the thread that called ``run()``; only ``stopping`` and
+``wake()`` are for other threads.
 """
 
 from __future__ import annotations
@@ -128,6 +129,19 @@ class CallbackConsumer:
         if not self._scheduled and self._connection is not None:
             self._scheduled = True
             self._connection.ioloop.call_later(0, self._work)
+
+    def wake(self) -> bool:
+        """From any thread: ``work`` runs on the loop's thread soon. False if there is no
+        loop to wake (not connected yet, or closing): the caller's ``on_ready`` is the
+        next chance."""
+        connection = self._connection
+        if connection is None or self._closing:
+            return False
+        try:
+            connection.ioloop.add_callback_threadsafe(self.schedule)
+        except Exception:  # the loop was closed meanwhile
+            return False
+        return True
 
     # -- the loop's callbacks ----------------------------------------------------------
 

@@ -14,6 +14,7 @@ publishes them, takes the confirms and sweeps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import structlog
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from outbox_relay.table import OutboxWriter, OutgoingMessage
 
@@ -51,11 +52,20 @@ class DirectPublisher:
     """
 
     def __init__(
-        self, sources: Sequence[Source], counted: Callable[[str, str], None] | None = None
+        self,
+        sources: Sequence[Source],
+        counted: Callable[[str, str], None] | None = None,
+        *,
+        hold: bool = False,
     ) -> None:
         self.sources = list(sources)
         # Called with (source name, CONFIRMED or REFUSED) per message: a metric.
         self.counted = counted or (lambda _name, _outcome: None)
+        # Whether ``sweep`` keeps a connection per source between sweeps (until
+        # ``close``): for a publisher whose every sweep runs on its own, the pool's
+        # checkout and checkin cost about as much CPU as the DELETE.
+        self.hold = hold
+        self._held: dict[str, Connection] = {}
         self._unconfirmed: dict[int, tuple[Source, int, OutgoingMessage]] = {}
         self._returned: set[str] = set()
         self._published = 0
@@ -130,22 +140,45 @@ class DirectPublisher:
             self._returned.add(str(properties.message_id))
 
     def sweep(self) -> None:
-        """Delete the confirmed rows and hand the refused ones to the relay, in a
-        transaction per source."""
+        """Delete the confirmed rows and hand the refused ones to the relay: each
+        statement commits on its own (both can be repeated, neither needs the other),
+        one round trip each rather than three in a transaction."""
         for source in self.sources:
             direct = source.writer.direct
             if not direct.unswept:
                 continue
             try:
-                with source.engine.begin() as conn:
+                conn = self._held.get(source.name) or self._connect(source)
+                try:
                     for sql, params in direct.sweep():
                         conn.exec_driver_sql(sql, params)
+                finally:
+                    if not self.hold:
+                        conn.close()
             except Exception as e:
                 # Left for the next sweep; past their lease, a relay publishes them again.
                 direct.rolled_back()
+                self._release(source.name)
                 log.warning("direct_sweep_failed", source=source.name, error=repr(e))
             else:
                 direct.swept()
+
+    def _connect(self, source: Source) -> Connection:
+        conn = source.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if self.hold:
+            self._held[source.name] = conn
+        return conn
+
+    def close(self) -> None:
+        """Give back the connections ``hold`` kept."""
+        for name in list(self._held):
+            self._release(name)
+
+    def _release(self, name: str) -> None:
+        conn = self._held.pop(name, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def owed(self) -> bool:
         """Whether confirms are still to come (a stopping consumer waits for them)."""

@@ -276,30 +276,43 @@ class OutboxWriter:
     def _leased(
         self, messages: Sequence[OutgoingMessage], along: Along | None
     ) -> tuple[str, dict[str, Any]]:
-        """The insert of ``messages`` leased to this writer; its one row's last two
-        columns list the ids and message ids of the rows it leased (``DirectRows.took``).
-        The relay is woken only for rows it must publish itself (an earlier row of
-        their correlation id)."""
-        params: dict[str, Any]
-        if len(messages) == 1:
-            # One row (a reply): scalars, and a statement PostgreSQL runs about as fast
-            # as the plain insert (the arrays' form cost it three times as much).
-            m = messages[0]
-            insert, tail = _INSERT_ONE_LEASED, _LEASED_ONE
-            params = _one_row(m)
-        else:
-            insert, tail = _INSERT_MANY_LEASED, _LEASED_MANY
-            params = _rows(messages)
-        params["lease"] = float(self.lease or 0.0)
-        ctes: list[str] = []
-        selects: list[str] = []
-        if along is not None:
-            ctes += along.ctes()
-            params.update(along.params)
-            selects += along.notifications()
-        ctes.append(f"written AS ({insert})")
         self.direct.wrote(messages)
-        return f"WITH {', '.join(ctes)} SELECT {', '.join([*selects, tail])}", params
+        return leased_statement(messages, along=along, lease=float(self.lease or 0.0))
+
+
+def leased_statement(
+    messages: Sequence[OutgoingMessage], *, along: Along | None, lease: float
+) -> tuple[str, dict[str, Any]]:
+    """The insert of ``messages`` leased for ``lease`` seconds to whoever runs it; its one
+    row's last two columns list the ids and message ids of the rows it leased
+    (``DirectRows.took``), followed by the guard's column with a ``guarded`` ``along``.
+    The relay is woken only for rows it must publish itself (an earlier row of their
+    correlation id). Touches no writer's state: any thread may build it."""
+    params: dict[str, Any]
+    guarded = along is not None and along.guarded
+    if len(messages) == 1 and not guarded:
+        # One row (a reply): scalars, and a statement PostgreSQL runs about as fast
+        # as the plain insert (the arrays' form cost it three times as much).
+        m = messages[0]
+        insert, tail = _INSERT_ONE_LEASED, _LEASED_ONE
+        params = _one_row(m)
+    else:
+        # Guarded, the insert may write nothing: the tail's subqueries still give a row.
+        insert = _INSERT_MANY_LEASED_GUARDED if guarded else _INSERT_MANY_LEASED
+        tail = _LEASED_MANY
+        params = _rows(messages)
+    params["lease"] = lease
+    ctes: list[str] = []
+    selects: list[str] = []
+    if along is not None:
+        ctes += along.ctes()
+        params.update(along.params)
+        selects += along.notifications()
+    ctes.append(f"written AS ({insert})")
+    selects.append(tail)
+    if guarded:
+        selects.append(_GUARD_RESULT)
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(selects)}", params
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,14 +380,15 @@ _INSERT_ONE_LEASED = (
     + _LEASE.format(schema=SCHEMA, c="%(correlation_id)s::uuid")
     + f") {_RETURNING_LEASED}"
 )
-_INSERT_MANY_LEASED = (
+_INSERT_MANY_LEASED_FROM = (
     f"INSERT INTO {SCHEMA}.outbox {_LEASED_COLUMNS} SELECT m, c, e, d, b, h, "
     + _LEASE.format(schema=SCHEMA, c="c")
     + " FROM unnest("
     "%(message_ids)b::uuid[], %(correlation_ids)b::uuid[], %(exchanges)b::text[], "
     "%(destinations)b::text[], %(bodies)b::text[], %(headers)b::jsonb[]"
-    f") WITH ORDINALITY AS t(m, c, e, d, b, h, n) ORDER BY n {_RETURNING_LEASED}"
+    ") WITH ORDINALITY AS t(m, c, e, d, b, h, n)"
 )
+_INSERT_MANY_LEASED = f"{_INSERT_MANY_LEASED_FROM} ORDER BY n {_RETURNING_LEASED}"
 # What a leased insert returns (one row): a NOTIFY if a row is the relay's, then the
 # ids and message ids of the rows leased (NULL if none).
 _NOTIFY = f"pg_notify('{NOTIFY_CHANNEL}', '')"
@@ -391,6 +405,9 @@ _LEASED_MANY = (
 # Along.guarded: the CTE the messages depend on, and what the statement returns of it.
 GUARD = "along0"
 _INSERT_MANY_GUARDED = f"{_INSERT_MANY_FROM} WHERE EXISTS (SELECT FROM {GUARD}) ORDER BY n"
+_INSERT_MANY_LEASED_GUARDED = (
+    f"{_INSERT_MANY_LEASED_FROM} WHERE EXISTS (SELECT FROM {GUARD}) ORDER BY n {_RETURNING_LEASED}"
+)
 _GUARD_RESULT = f"EXISTS (SELECT FROM {GUARD})"
 
 

@@ -51,6 +51,8 @@ class Options:
     replicas: tuple[int, ...] = (1,)
     # place_order version sagabox runs: 3 is version 1 on a routing slip.
     version: int = 3
+    # Who publishes each saga's first command: the client's StartPublisher or the relay.
+    starts: str = "direct"
 
 
 @dataclass
@@ -108,6 +110,7 @@ def run(options: Options, say: Callable[[str], None]) -> Report:
         log_level=options.log_level,
         threads=options.threads,
         version=options.version,
+        starts=options.starts,
         settle=options.settle,
         prefix=options.prefix,
         say=say,

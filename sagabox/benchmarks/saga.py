@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 import migrations
-from orchestrator import Orchestrator, SagaWaiter, WaitMark, WaitTimeoutError
+from orchestrator import Orchestrator, SagaWaiter, StartPublisher, WaitMark, WaitTimeoutError
 from orchestrator.store import make_engine
 from outbox_relay import vhosts
 from participants.examples.checks import SagaOutcome, Seed, check, seed
@@ -87,7 +87,14 @@ class _Live:
         self.saga_waiter = SagaWaiter(bench.url("orchestrator"))
         self.supervisor = Supervisor(log_dir)
         self.waiter = _Waiter(self.saga_waiter, self.supervisor.dead)
-        self.orchestrator = Orchestrator(self.engines["orchestrator"], registry())
+        # As an application that starts sagas would with orchestrator.starts: its thread
+        # publishes the first commands (its CPU is the client's).
+        self.starts = (
+            StartPublisher(self.engines["orchestrator"], amqp) if bench.starts == "direct" else None
+        )
+        self.orchestrator = Orchestrator(
+            self.engines["orchestrator"], registry(), starts=self.starts
+        )
         self.version = bench.version
         self.started: list[str] = []
 
@@ -101,6 +108,8 @@ class _Live:
         return saga_id, self.waiter.wait(saga_id, self.timeout, mark)
 
     def close(self) -> None:
+        if self.starts is not None:
+            self.starts.close()  # before the processes: it deletes what was confirmed
         self.supervisor.stop_all()
         self.saga_waiter.close()
         for engine in self.engines.values():
@@ -116,6 +125,9 @@ class SagaboxBench:
     threads: int = 4
     # place_order v1 (orchestrated) or v3 (the same steps on a routing slip).
     version: int = 3
+    # "direct": the client publishes each saga's first command (orchestrator.starts);
+    # "relay": the relay does.
+    starts: str = "direct"
     timeout: float = SAGA_TIMEOUT
     keep: bool = False
     settle: float = STATS_SETTLE
@@ -158,7 +170,7 @@ class SagaboxBench:
             log_dir = self.log_dir if replicas == 1 else self.log_dir / f"replicas-{replicas}"
             live = _Live(self, self._vhost(), concurrency, log_dir)
             with live.supervisor:
-                self._start(live.supervisor, live.amqp, replicas)
+                self._start(live, replicas)
                 self.say(f"sagabox: warming up on {warmup} sagas (logs in {log_dir})")
                 closed_loop(live.run_one, warmup, min(concurrency, 4))
                 first = warmup
@@ -189,7 +201,8 @@ class SagaboxBench:
                 problems.append(f"processes died during the run: {dead}")
             config = (
                 f"place_order v{self.version}{' (routing slip)' if self.version == 3 else ''}, "
-                f"{_processes(replicas)} ({_worker(self.threads)}), log level {self.log_level}"
+                f"{_processes(replicas)} ({_worker(self.threads)}), "
+                f"first commands published by {_starts(self.starts)}, log level {self.log_level}"
             )
             name = "sagabox" if replicas == 1 else f"sagabox x{replicas}"
             if preload:
@@ -281,9 +294,11 @@ class SagaboxBench:
             for engine in engines.values():
                 engine.dispose()
 
-    def _start(self, supervisor: Supervisor, amqp_url: str, replicas: int) -> None:
-        for spec in specs(self.up_config(amqp_url, replicas)):
-            supervisor.start(spec)
+    def _start(self, live: _Live, replicas: int) -> None:
+        for spec in specs(self.up_config(live.amqp, replicas)):
+            live.supervisor.start(spec)
+        if live.starts is not None:
+            live.starts.open()
 
     def up_config(self, amqp_url: str, replicas: int = 1) -> UpConfig:
         """The processes ``sagabox up`` would run here, with a quieter log level."""
@@ -311,6 +326,10 @@ def _processes(replicas: int) -> str:
     if replicas == 1:
         return f"relay + orchestrator + {len(SERVICES)} workers"
     return f"{replicas} relays + {replicas} orchestrators + {replicas} x {len(SERVICES)} workers"
+
+
+def _starts(starts: str) -> str:
+    return "the client (StartPublisher)" if starts == "direct" else "the relay"
 
 
 def _worker(threads: int) -> str:

@@ -137,6 +137,13 @@ def _register_saga(benchmarks: Any) -> None:
         help="place_order version sagabox runs: 3 (default) is version 1's steps on a "
         "routing slip, 1 the orchestrator sending every command",
     )
+    parser.add_argument(
+        "--starts",
+        choices=("direct", "relay"),
+        default="direct",
+        help="who publishes each saga's first command: the client's StartPublisher "
+        "(direct, the default) or the relay",
+    )
     parser.set_defaults(handler=handle_saga)
 
 
@@ -165,6 +172,7 @@ def handle_saga(args: argparse.Namespace) -> int:
         preload=args.preload,
         replicas=args.replicas,
         version=args.saga_version,
+        starts=args.starts,
     )
     report = run_saga(options, _say)
     print(render(report))
