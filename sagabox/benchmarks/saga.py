@@ -11,6 +11,7 @@ backends count as sagabox's, as a peer's driver counts as the peer's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pika
+import pika.exceptions
 from sqlalchemy import Engine
 
 import migrations
@@ -298,6 +301,9 @@ class SagaboxBench:
         for spec in specs(self.up_config(live.amqp, replicas)):
             live.supervisor.start(spec)
         if live.starts is not None:
+            # Until the workers declared their queues, RabbitMQ returns what is published
+            # to them (the relay then declares and publishes it): not the steady state.
+            _wait_for_queues(live.amqp, SERVICES)
             live.starts.open()
 
     def up_config(self, amqp_url: str, replicas: int = 1) -> UpConfig:
@@ -326,6 +332,22 @@ def _processes(replicas: int) -> str:
     if replicas == 1:
         return f"relay + orchestrator + {len(SERVICES)} workers"
     return f"{replicas} relays + {replicas} orchestrators + {replicas} x {len(SERVICES)} workers"
+
+
+def _wait_for_queues(amqp_url: str, queues: tuple[str, ...], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(pika.BlockingConnection(pika.URLParameters(amqp_url))) as conn:
+        missing = list(queues)
+        while missing:
+            channel = conn.channel()
+            try:
+                while missing:
+                    channel.queue_declare(missing[0], passive=True)
+                    missing.pop(0)
+            except pika.exceptions.ChannelClosedByBroker:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"no queue {missing[0]!r} after {timeout} s") from None
+                time.sleep(0.1)
 
 
 def _starts(starts: str) -> str:
