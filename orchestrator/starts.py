@@ -162,8 +162,10 @@ class StartPublisher:
                 log.warning("start_publisher_reconnecting", error=repr(e), delay=delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
-            except BaseException:
+            except BaseException as e:
+                # A defect, not a lost connection: starts are the relay's from now on.
                 self._disconnected()
+                log.error("start_publisher_failed", error=repr(e))
                 raise
         self._disconnected()
         self._publisher.sweep()

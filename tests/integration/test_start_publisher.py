@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from sqlalchemy import Engine
 
 from orchestrator import Orchestrator, Registry, StartPublisher
+from outbox_relay.message import Envelope
+from outbox_relay.vhosts import rabbitmqctl
 from tests.integration.test_direct_publish import collect, declare, received
 from tests.integration.test_orchestrator_direct import outbox_rows
 from tests.integration.test_relay import relay_config, running_relay
@@ -145,3 +148,32 @@ def test_the_orchestrators_next_command_is_leased_once_the_starts_row_is_gone(
     [(_, charge)] = orch.outbox.direct.ready
     assert charge.destination == "payment"
     assert outbox_rows(db_url) == [(saga_id, "payment", True)]  # leased: not the relay's
+
+
+def test_a_publisher_whose_connection_is_closed_reconnects_and_loses_nothing(
+    engine: Engine, clock: Clock, db_url: str, amqp_url: str
+) -> None:
+    declare(amqp_url, "inventory")
+    vhost = unquote(urlsplit(amqp_url).path[1:])
+    with StartPublisher(engine, amqp_url, lease=1.0, reconnect_delay=1.0) as publisher:
+        starter = Orchestrator(engine, Registry([ORDER]), clock=clock, starts=publisher)
+        ids = {starter.start("order", {**DATA, "order_id": f"a-{i}"}) for i in range(50)}
+        # RabbitMQ drops it, confirms owed or not; starts meanwhile are the relay's.
+        rabbitmqctl("close_all_connections", "--vhost", vhost, "test: connection lost")
+        wait_for(lambda: not publisher.ready, timeout=5.0)
+        ids |= {starter.start("order", {**DATA, "order_id": f"b-{i}"}) for i in range(50)}
+        wait_for(lambda: publisher.ready)
+        ids |= {starter.start("order", {**DATA, "order_id": f"c-{i}"}) for i in range(50)}
+        with running_relay(relay_config([db_url], amqp_url)):
+            wait_for(lambda: outbox_rows(db_url) == [])
+    got: list[Envelope] = []
+
+    def every_saga_arrived() -> bool:
+        got.extend(envelope for envelope, _ in received(amqp_url, "inventory"))
+        return {envelope.correlation_id for envelope in got} >= ids
+
+    # Every first command arrived; one whose confirm was lost with the connection may
+    # arrive twice (the same message id, for the participant's inbox to drop).
+    wait_for(every_saga_arrived)
+    assert {envelope.correlation_id for envelope in got} == ids
+    assert len({envelope.message_id for envelope in got}) == len(ids)
