@@ -213,27 +213,29 @@ class Orchestrator:
             started,
         )
         along = store.new_saga(new)
-        leased = starts is not None and bool(messages)
+        publisher = starts if messages else None
         built: tuple[str, dict[str, Any]] | None
-        if starts is not None and messages:
-            built = leased_statement(messages, along=along, lease=starts.lease)
+        if publisher is not None:
+            built = leased_statement(messages, along=along, lease=publisher.lease)
         else:
             # For the relay: the caller's thread is not the reply consumer's, which
             # publishes the rows its writer leased (a start is called from anywhere).
             built = self.outbox.statement(messages, along=along, lease=False)
         assert built is not None  # the saga row is always in it
-        if idempotency_key is None and not leased:
+        if idempotency_key is None and publisher is None:
             conn.exec_driver_sql(*built)
             self._log_started(saga_id, name, version, t)
             return saga_id
         # One row: the leased rows' ids and message ids (leased), then whether the key
         # was new (with a key).
         row = conn.exec_driver_sql(*built).one()
-        if starts is not None and leased:
+        if publisher is not None:
             took = row[:-1] if idempotency_key is not None else row
             if took[-2]:
                 sent = {m.message_id: m for m in messages}
-                starts.submit([(i, sent[mid]) for i, mid in zip(took[-2], took[-1], strict=True)])
+                publisher.submit(
+                    [(i, sent[mid]) for i, mid in zip(took[-2], took[-1], strict=True)]
+                )
         if idempotency_key is None:
             self._log_started(saga_id, name, version, t)
             return saga_id
