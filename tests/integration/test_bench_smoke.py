@@ -59,7 +59,7 @@ def test_the_saga_benchmark_measures_sagabox_and_its_consistency_holds(
     mine = {k: v for k, v in main.cpu_seconds.items() if k not in ("postgres", "rabbitmq")}
     # The client (this process: it starts the sagas and waits) counts, as a peer's does.
     assert set(mine) == {"client", *PROCESSES}
-    assert all(v > 0 for v in mine.values()) and main.cpu_seconds["postgres"] > 0, text
+    assert _all_busy(mine) and main.cpu_seconds["postgres"] > 0, text
     assert all(not math.isnan(v) for v in main.cpu_seconds.values()), text
     line = next(row for row in text.splitlines() if row.startswith("sagabox "))
     assert line.endswith("ok"), text
@@ -93,7 +93,7 @@ def test_with_two_replicas_of_each_process_the_check_still_holds(services: None)
     # Every replica's CPU counts, in its component's group.
     mine = {k: v for k, v in two.main.cpu_seconds.items() if k not in ("postgres", "rabbitmq")}
     assert set(mine) == {"client", *PROCESSES}
-    assert all(v > 0 for v in mine.values()), text
+    assert _all_busy(mine), text
     assert "2 relays + 2 orchestrators + 2 x 4 workers" in two.config
     rows = text.splitlines()
     table = rows.index(
@@ -117,3 +117,11 @@ def test_pgbench_runs_at_each_concurrency_the_server_takes_and_skips_the_rest(
     database_limit(options, report, say=lambda _: None)
     assert list(report.pgbench) == [4] and report.pgbench[4] > 0, report.pgbench
     assert any(f"pgbench at {too_many} clients skipped" in n for n in report.notes), report.notes
+
+
+def _all_busy(cpu_seconds: dict[str, float]) -> bool:
+    """Every process but the relay spent CPU. With every message published directly,
+    the relay of a 20-saga run may spend less than a clock tick (10 ms): zero, measured."""
+    return all(v > 0 for k, v in cpu_seconds.items() if k != "relay") and all(
+        v >= 0 for v in cpu_seconds.values()
+    )
