@@ -56,19 +56,31 @@ inventory = Participant("inventory")
 # Statements are built once: constructing a statement per message cost more CPU than
 # running it. Placeholders are named b_*, never like a column: an UPDATE takes
 # parameters named like its columns for its SET clause.
-_TAKE_STOCK = (
+# Stock is taken and the reservation written in one statement (one round trip): the
+# INSERT reads the row the UPDATE returned, so nothing is written when stock is short.
+_TAKEN = (
     update(stock)
     .where(stock.c.sku == bindparam("b_sku"), stock.c.available >= bindparam("b_qty"))
     .values(available=stock.c.available - bindparam("b_qty"))
-    .returning(stock.c.available)
+    .returning(stock.c.sku)
+    .cte("taken")
 )
-_PUT_BACK_STOCK = (
-    update(stock)
-    .where(stock.c.sku == bindparam("b_sku"))
-    .values(available=stock.c.available + bindparam("b_qty"))
+_RESERVE = (
+    reservations.insert()
+    .from_select(
+        ["saga_id", "step", "reservation_id", "sku", "qty"],
+        select(
+            bindparam("b_saga_id", type_=Uuid),
+            bindparam("b_step", type_=Text),
+            bindparam("b_reservation_id", type_=Uuid),
+            _TAKEN.c.sku,
+            bindparam("b_qty", type_=Integer),
+        ),
+    )
+    .returning(reservations.c.reservation_id)
 )
-_RESERVE = reservations.insert()
-_RELEASE = (
+# And given back in one: the UPDATE of stock reads the reservation the first one released.
+_RELEASED = (
     update(reservations)
     .where(
         reservations.c.saga_id == bindparam("b_saga_id"),
@@ -77,6 +89,12 @@ _RELEASE = (
     )
     .values(released_at=func.now())
     .returning(reservations.c.sku, reservations.c.qty)
+    .cte("released")
+)
+_RELEASE = (
+    update(stock)
+    .where(stock.c.sku == _RELEASED.c.sku)
+    .values(available=stock.c.available + _RELEASED.c.qty)
 )
 _ADD_STOCK = (
     insert(stock)
@@ -96,30 +114,25 @@ def reserve_stock(session: Session, payload: Payload, ctx: Context) -> dict[str,
     sku, qty = str(payload["sku"]), int(payload["qty"])
     if qty <= 0:
         raise BusinessFailure(f"quantity must be positive, got {qty}")
-    taken = session.execute(_TAKE_STOCK, {"b_sku": sku, "b_qty": qty}).first()
-    if taken is None:
-        raise BusinessFailure(f"out of stock: {sku}")
     reservation_id = uuid.uuid4()
-    session.execute(
+    reserved = session.execute(
         _RESERVE,
         {
-            "saga_id": uuid.UUID(ctx.saga_id),
-            "step": ctx.step,
-            "reservation_id": reservation_id,
-            "sku": sku,
-            "qty": qty,
+            "b_saga_id": uuid.UUID(ctx.saga_id),
+            "b_step": ctx.step,
+            "b_reservation_id": reservation_id,
+            "b_sku": sku,
+            "b_qty": qty,
         },
-    )
+    ).first()
+    if reserved is None:
+        raise BusinessFailure(f"out of stock: {sku}")
     return {"reservation_id": str(reservation_id), "sku": sku, "qty": qty}
 
 
 @inventory.compensation("release_stock")
 def release_stock(session: Session, payload: Payload, ctx: Context) -> None:
-    released = session.execute(
-        _RELEASE, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step}
-    ).first()
-    if released is not None:
-        session.execute(_PUT_BACK_STOCK, {"b_sku": released.sku, "b_qty": released.qty})
+    session.execute(_RELEASE, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step})
 
 
 def add_stock(session: Session, sku: str, qty: int) -> None:

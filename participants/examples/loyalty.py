@@ -54,20 +54,27 @@ loyalty = Participant("loyalty")
 # Statements are built once: constructing a statement per message cost more CPU than
 # running it. Placeholders are named b_*, never like a column: an UPDATE takes
 # parameters named like its columns for its SET clause.
-_CREDIT_POINTS = (
+# Each step is one statement (one round trip): the award is written from the points
+# row its upsert returned, and a revocation debits the points of the award it marked.
+_CREDITED = (
     insert(points)
     .values(customer=bindparam("b_customer"), balance=bindparam("b_points"))
     .on_conflict_do_update(
         index_elements=["customer"], set_={"balance": points.c.balance + bindparam("b_points")}
     )
+    .returning(points.c.customer)
+    .cte("credited")
 )
-_DEBIT_POINTS = (
-    update(points)
-    .where(points.c.customer == bindparam("b_customer"))
-    .values(balance=points.c.balance - bindparam("b_points"))
+_AWARD = awards.insert().from_select(
+    ["saga_id", "step", "customer", "points"],
+    select(
+        bindparam("b_saga_id", type_=Uuid),
+        bindparam("b_step", type_=Text),
+        _CREDITED.c.customer,
+        bindparam("b_points", type_=Integer),
+    ),
 )
-_AWARD = awards.insert()
-_REVOKE = (
+_REVOKED = (
     update(awards)
     .where(
         awards.c.saga_id == bindparam("b_saga_id"),
@@ -76,6 +83,12 @@ _REVOKE = (
     )
     .values(revoked_at=func.now())
     .returning(awards.c.customer, awards.c.points)
+    .cte("revoked")
+)
+_REVOKE = (
+    update(points)
+    .where(points.c.customer == _REVOKED.c.customer)
+    .values(balance=points.c.balance - _REVOKED.c.points)
 )
 _BALANCE = select(points.c.balance).where(points.c.customer == bindparam("b_customer"))
 
@@ -85,14 +98,13 @@ def award_points(session: Session, payload: Payload, ctx: Context) -> dict[str, 
     customer, amount = str(payload["customer"]), int(payload["points"])
     if amount <= 0:
         raise BusinessFailure(f"points must be positive, got {amount}")
-    session.execute(_CREDIT_POINTS, {"b_customer": customer, "b_points": amount})
     session.execute(
         _AWARD,
         {
-            "saga_id": uuid.UUID(ctx.saga_id),
-            "step": ctx.step,
-            "customer": customer,
-            "points": amount,
+            "b_saga_id": uuid.UUID(ctx.saga_id),
+            "b_step": ctx.step,
+            "b_customer": customer,
+            "b_points": amount,
         },
     )
     return {"points": amount}
@@ -100,11 +112,7 @@ def award_points(session: Session, payload: Payload, ctx: Context) -> dict[str, 
 
 @loyalty.compensation("revoke_points")
 def revoke_points(session: Session, payload: Payload, ctx: Context) -> None:
-    revoked = session.execute(
-        _REVOKE, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step}
-    ).first()
-    if revoked is not None:
-        session.execute(_DEBIT_POINTS, {"b_customer": revoked.customer, "b_points": revoked.points})
+    session.execute(_REVOKE, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step})
 
 
 def balance(session: Session, customer: str) -> int:

@@ -11,17 +11,21 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
+    CTE,
     CheckConstraint,
     Column,
     DateTime,
+    Insert,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
+    Update,
     Uuid,
     bindparam,
     func,
+    literal,
     select,
     update,
 )
@@ -76,21 +80,49 @@ payment = Participant("payment")
 # Statements are built once: constructing a statement per message cost more CPU than
 # running it. Placeholders are named b_*, never like a column: an UPDATE takes
 # parameters named like its columns for its SET clause.
-_DEBIT = (
-    update(accounts)
-    .where(
-        accounts.c.customer == bindparam("b_customer"), accounts.c.balance >= bindparam("b_amount")
+#
+# Each step is one statement (one round trip): the debit and the row that records it
+# are written together, the INSERT reading the account row the UPDATE returned, so
+# nothing is written when funds are short; a refund or a void credits the account
+# from the row it marked.
+
+
+def _debit_and_record(table: Table, key: str, extra: dict[str, Any]) -> Insert:
+    """INSERT a row of ``table`` (saga_id, step, ``key``, customer, amount, ``extra``)
+    if the customer's balance covers the amount, debiting it; RETURNING ``key``."""
+    debited = (
+        update(accounts)
+        .where(
+            accounts.c.customer == bindparam("b_customer"),
+            accounts.c.balance >= bindparam("b_amount"),
+        )
+        .values(balance=accounts.c.balance - bindparam("b_amount"))
+        .returning(accounts.c.customer)
+        .cte("debited")
     )
-    .values(balance=accounts.c.balance - bindparam("b_amount"))
-    .returning(accounts.c.balance)
-)
-_CREDIT = (
-    update(accounts)
-    .where(accounts.c.customer == bindparam("b_customer"))
-    .values(balance=accounts.c.balance + bindparam("b_amount"))
-)
-_CHARGE = charges.insert()
-_REFUND = (
+    columns = ["saga_id", "step", key, "customer", "amount", *extra]
+    values = select(
+        bindparam("b_saga_id", type_=Uuid),
+        bindparam("b_step", type_=Text),
+        bindparam(f"b_{key}", type_=Uuid),
+        debited.c.customer,
+        bindparam("b_amount", type_=Integer),
+        *(literal(v) for v in extra.values()),
+    )
+    return table.insert().from_select(columns, values).returning(table.c[key])
+
+
+def _credit_back(marked: CTE) -> Update:
+    """UPDATE accounts: give back the amount of the row ``marked`` (a CTE) returned."""
+    return (
+        update(accounts)
+        .where(accounts.c.customer == marked.c.customer)
+        .values(balance=accounts.c.balance + marked.c.amount)
+    )
+
+
+_CHARGE = _debit_and_record(charges, "charge_id", {})
+_REFUND = _credit_back(
     update(charges)
     .where(
         charges.c.saga_id == bindparam("b_saga_id"),
@@ -99,9 +131,10 @@ _REFUND = (
     )
     .values(refunded_at=func.now())
     .returning(charges.c.customer, charges.c.amount)
+    .cte("refunded")
 )
-_AUTHORIZE = authorizations.insert()
-_VOID = (
+_AUTHORIZE = _debit_and_record(authorizations, "authorization_id", {"status": "authorized"})
+_VOID = _credit_back(
     update(authorizations)
     .where(
         authorizations.c.saga_id == bindparam("b_saga_id"),
@@ -110,6 +143,7 @@ _VOID = (
     )
     .values(status="voided")
     .returning(authorizations.c.customer, authorizations.c.amount)
+    .cte("voided")
 )
 _SETTLE = (
     update(authorizations)
@@ -138,28 +172,14 @@ _AUTHORIZED = select(func.coalesce(func.sum(authorizations.c.amount), 0)).where(
 @payment.command("charge_payment", compensation="refund_payment")
 def charge_payment(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
     customer, amount = str(payload["customer"]), _amount(payload)
-    _debit(session, customer, amount)
     charge_id = uuid.uuid4()
-    session.execute(
-        _CHARGE,
-        {
-            "saga_id": uuid.UUID(ctx.saga_id),
-            "step": ctx.step,
-            "charge_id": charge_id,
-            "customer": customer,
-            "amount": amount,
-        },
-    )
+    _debit(session, _CHARGE, customer, amount, ctx, b_charge_id=charge_id)
     return {"charge_id": str(charge_id), "amount": amount}
 
 
 @payment.compensation("refund_payment")
 def refund_payment(session: Session, payload: Payload, ctx: Context) -> None:
-    refunded = session.execute(
-        _REFUND, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step}
-    ).first()
-    if refunded is not None:
-        _credit(session, refunded.customer, refunded.amount)
+    session.execute(_REFUND, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step})
 
 
 @payment.command("check_risk")
@@ -181,29 +201,14 @@ def check_pci_compliance(session: Session, payload: Payload, ctx: Context) -> di
 @payment.command("authorize_payment", compensation="void_authorization")
 def authorize_payment(session: Session, payload: Payload, ctx: Context) -> dict[str, Any]:
     customer, amount = str(payload["customer"]), _amount(payload)
-    _debit(session, customer, amount)
     authorization_id = uuid.uuid4()
-    session.execute(
-        _AUTHORIZE,
-        {
-            "saga_id": uuid.UUID(ctx.saga_id),
-            "step": ctx.step,
-            "authorization_id": authorization_id,
-            "customer": customer,
-            "amount": amount,
-            "status": "authorized",
-        },
-    )
+    _debit(session, _AUTHORIZE, customer, amount, ctx, b_authorization_id=authorization_id)
     return {"authorization_id": str(authorization_id)}
 
 
 @payment.compensation("void_authorization")
 def void_authorization(session: Session, payload: Payload, ctx: Context) -> None:
-    voided = session.execute(
-        _VOID, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step}
-    ).first()
-    if voided is not None:
-        _credit(session, voided.customer, voided.amount)
+    session.execute(_VOID, {"b_saga_id": uuid.UUID(ctx.saga_id), "b_step": ctx.step})
 
 
 @payment.command("settle_payment")
@@ -239,11 +244,18 @@ def _amount(payload: Payload) -> int:
     return amount
 
 
-def _debit(session: Session, customer: str, amount: int) -> None:
-    debited = session.execute(_DEBIT, {"b_customer": customer, "b_amount": amount}).first()
-    if debited is None:
+def _debit(
+    session: Session, statement: Insert, customer: str, amount: int, ctx: Context, **row_id: Any
+) -> None:
+    recorded = session.execute(
+        statement,
+        {
+            "b_saga_id": uuid.UUID(ctx.saga_id),
+            "b_step": ctx.step,
+            "b_customer": customer,
+            "b_amount": amount,
+            **row_id,
+        },
+    ).first()
+    if recorded is None:
         raise BusinessFailure(f"insufficient funds for {customer}")
-
-
-def _credit(session: Session, customer: str, amount: int) -> None:
-    session.execute(_CREDIT, {"b_customer": customer, "b_amount": amount})

@@ -12,6 +12,7 @@ backends count as sagabox's, as a peer's driver counts as the peer's.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -336,8 +337,18 @@ def _processes(replicas: int) -> str:
 
 def _wait_for_queues(amqp_url: str, queues: tuple[str, ...], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
+    # pika logs each refused passive declare as a warning: here it is the expected answer.
+    quiet = logging.getLogger("pika.channel")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        _poll_queues(amqp_url, list(queues), deadline, timeout)
+    finally:
+        quiet.setLevel(level)
+
+
+def _poll_queues(amqp_url: str, missing: list[str], deadline: float, timeout: float) -> None:
     with contextlib.closing(pika.BlockingConnection(pika.URLParameters(amqp_url))) as conn:
-        missing = list(queues)
         while missing:
             channel = conn.channel()
             try:

@@ -109,6 +109,19 @@ def test_payment_gateway_flow(engine: Engine) -> None:
         "settle_payment", {"authorization_id": authorization}, saga_id=saga, step="s2"
     )
     assert handle(engine, p, settle_again).type == "failed"
+    # An open authorization voided gives the amount back; beyond the balance, none opens.
+    other = str(uuid.uuid4())
+    held = command("authorize_payment", {"customer": "bob", "amount": 250}, saga_id=other, step="h")
+    assert handle(engine, p, held).type == "succeeded"
+    too_much = command(
+        "authorize_payment", {"customer": "bob", "amount": 51}, saga_id=other, step="t"
+    )
+    assert handle(engine, p, too_much).payload == {"reason": "insufficient funds for bob"}
+    with Session(engine) as session:
+        assert (pay.balance(session, "bob"), pay.held(session, "bob")) == (50, 450)
+    assert handle(engine, p, compensation("void_authorization", held)).type == "compensated"
+    with Session(engine) as session:
+        assert (pay.balance(session, "bob"), pay.held(session, "bob")) == (300, 200)
 
 
 def test_shipping_schedules_and_cancels(engine: Engine) -> None:
