@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import Engine, create_engine, select
@@ -65,6 +66,27 @@ def test_inventory_keeps_available_plus_reserved_constant(engine: Engine) -> Non
     with Session(engine) as session:
         assert inventory.available(session, "pear") == 2
         assert inventory.available(session, "pear") + inventory.reserved(session, "pear") == 5
+
+
+def test_concurrent_reservations_never_take_more_than_the_stock(engine: Engine) -> None:
+    # The stock is taken and the reservation written in one statement: under contention
+    # the UPDATE re-checks the row another transaction changed, and no reservation is
+    # written without its stock.
+    with Session(engine) as session, session.begin():
+        inventory.add_stock(session, "fig", 50)
+    p = inventory.inventory
+
+    def reserve(_: int) -> list[str]:
+        return [
+            handle(engine, p, command("reserve_stock", {"sku": "fig", "qty": 1})).type
+            for _ in range(10)
+        ]
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = [t for types in pool.map(reserve, range(8)) for t in types]
+    assert (replies.count("succeeded"), replies.count("failed")) == (50, 30)
+    with Session(engine) as session:
+        assert (inventory.available(session, "fig"), inventory.reserved(session, "fig")) == (0, 50)
 
 
 def test_payment_charges_refunds_and_insufficient_funds(engine: Engine) -> None:
