@@ -110,6 +110,8 @@ class Orchestrator:
         if starts is not None and starts.engine is not engine:
             raise ValueError("the StartPublisher must use the orchestrator's engine")
         self.engine = engine
+        # Its transactions' BEGIN rides with their first statement (_transaction_with_tail).
+        roundtrips.hold(engine)
         self.registry = registry
         self.reply_queue = reply_queue
         self.clock = clock
@@ -284,6 +286,7 @@ class Orchestrator:
                     for r in replies
                     if r.kind == "reply" and (r.saga, r.version) in self.registry
                 ),
+                tail,
             )
             acceptable: list[Envelope] = []
             for reply in replies:
@@ -396,7 +399,7 @@ class Orchestrator:
         """
         now = self.clock()
         with self._writing(direct=True) as (conn, tail):
-            rows = store.lock_due_sagas(conn, now, limit)
+            rows = store.lock_due_sagas(conn, now, limit, tail)
             states: dict[str, tuple[store.SagaRow, SagaState, int]] = {}
             history_rows: list[dict[str, Any]] = []
             messages: list[OutgoingMessage] = []
@@ -471,7 +474,7 @@ class Orchestrator:
         _check_saga_id(saga_id)
         now = self.clock()
         with self._writing() as (conn, tail):
-            row = store.lock_sagas(conn, [saga_id]).get(saga_id)
+            row = store.lock_sagas(conn, [saga_id], tail).get(saga_id)
             if row is None:
                 raise UnknownSagaError(f"no saga with id {saga_id}")
             definition = self.registry.get(row.name, row.version)
@@ -728,16 +731,28 @@ def _autocommit(engine: Engine, outbox: OutboxWriter) -> Iterator[Connection]:
 def _transaction_with_tail(
     engine: Engine, outbox: OutboxWriter, *, direct: bool = False
 ) -> Iterator[tuple[Connection, Tail]]:
-    with _transaction(engine, outbox, direct=direct) as conn:
-        tail = Tail()
-        if direct:
-            # Confirmed rows deleted before this transaction's insert, not after it: a
-            # saga's next command is leased only if no row of the saga is left, and the
-            # confirmed command its reply answers would otherwise still be there.
-            for sql, params in outbox.direct.sweep():
-                tail.defer(sql, params)
-        yield conn, tail
-        tail.commit(conn)
+    """A transaction whose BEGIN goes with its first statement, and its last statements
+    with its COMMIT (outbox_relay.roundtrips): a round trip each."""
+    try:
+        with (
+            _translated(),
+            engine.connect() as conn,
+            conn.execution_options(**roundtrips.AUTOCOMMIT).begin(),
+            roundtrips.opening(conn) as tail,
+        ):
+            if direct:
+                # Confirmed rows deleted before this transaction's insert, not after it:
+                # a saga's next command is leased only if no row of the saga is left,
+                # and the confirmed command its reply answers would otherwise still be
+                # there.
+                for sql, params in outbox.direct.sweep():
+                    tail.defer(sql, params)
+            yield conn, tail
+            tail.commit(conn)
+    except BaseException:
+        # As _transaction: only the reply consumer's transactions (direct) lease.
+        outbox.rolled_back(leasing=direct)
+        raise
     if direct:
         outbox.direct.committed()
         outbox.direct.swept()

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from orchestrator.state import SETTLED
 from orchestrator.tables import history, reply_inbox, saga
 from outbox_relay.pooling import check_on_checkout
+from outbox_relay.roundtrips import Tail
 from outbox_relay.table import GUARD, Along
 
 # Settings of the reply consumer's sessions (``sagabox orchestrator``). psycopg prepares
@@ -309,18 +310,29 @@ def get_saga(conn: Connection, saga_id: str) -> SagaRow | None:
     return None if r is None else _row(r)
 
 
-def lock_sagas(conn: Connection, saga_ids: Iterable[str]) -> dict[str, SagaRow]:
+def _rows(conn: Connection, tail: Tail | None, sql: str, params: dict[str, Any]) -> Sequence[Any]:
+    """``sql``'s rows; with ``tail``, it rides with what the transaction holds back."""
+    if tail is not None:
+        return tail.all(conn, sql, params)
+    return conn.exec_driver_sql(sql, params).all()
+
+
+def lock_sagas(
+    conn: Connection, saga_ids: Iterable[str], tail: Tail | None = None
+) -> dict[str, SagaRow]:
     """Lock the given sagas (in id order, so two orchestrators never deadlock)."""
     ids = list(set(saga_ids))  # LOCK_SAGAS orders them
     if not ids:
         return {}
-    return {r[0]: _row(r) for r in conn.exec_driver_sql(LOCK_SAGAS, {"ids": ids})}
+    return {r[0]: _row(r) for r in _rows(conn, tail, LOCK_SAGAS, {"ids": ids})}
 
 
-def lock_due_sagas(conn: Connection, now: float, limit: int) -> list[SagaRow]:
+def lock_due_sagas(
+    conn: Connection, now: float, limit: int, tail: Tail | None = None
+) -> list[SagaRow]:
     """Sagas whose earliest timer is due, skipping any another orchestrator holds."""
     params = {"now": timestamp(now), "limit": limit}
-    return [_row(r) for r in conn.exec_driver_sql(LOCK_DUE_SAGAS, params)]
+    return [_row(r) for r in _rows(conn, tail, LOCK_DUE_SAGAS, params)]
 
 
 def update_sagas(conn: Connection, changes: Sequence[Mapping[str, Any]]) -> None:
@@ -433,7 +445,10 @@ class ReplyKey:
 
 
 def lock_and_record(
-    conn: Connection, saga_ids: Iterable[str], replies: Iterable[ReplyKey]
+    conn: Connection,
+    saga_ids: Iterable[str],
+    replies: Iterable[ReplyKey],
+    tail: Tail | None = None,
 ) -> tuple[dict[str, SagaRow], set[str]]:
     """Lock the given sagas (as ``lock_sagas``) and add to the inbox the ids of the
     ``replies`` whose saga is among them with the name and version they give, in one
@@ -449,7 +464,7 @@ def lock_and_record(
         "r_names": [k.name for k in keys],
         "r_versions": [k.version for k in keys],
     }
-    found = conn.exec_driver_sql(LOCK_AND_RECORD, params).all()
+    found = _rows(conn, tail, LOCK_AND_RECORD, params)
     fresh = set(found[0][-1] or ()) if found else set()
     return {r[0]: _row(r[:-1]) for r in found}, fresh
 

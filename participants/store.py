@@ -165,7 +165,7 @@ _RESERVE = (
 Reserved = dict[InboxKey, str]
 
 
-def reserve(session: Session, envelopes: Sequence[Envelope]) -> Reserved:
+def reserve(session: Session, envelopes: Sequence[Envelope], tail: Tail | None = None) -> Reserved:
     """Claim the inbox keys of a batch's commands and compensations in one statement.
 
     A batch handled one claim at a time waits on a round trip per message; this inserts
@@ -190,14 +190,18 @@ def reserve(session: Session, envelopes: Sequence[Envelope]) -> Reserved:
     if len(keys) < 2:
         return {}
     ordered = sorted(keys, key=lambda k: (k.saga_id, k.step, k.action))
-    rows = session.connection().exec_driver_sql(
-        _RESERVE,
-        {
-            "saga_ids": [k.saga_id for k in ordered],
-            "steps": [k.step for k in ordered],
-            "actions": [k.action for k in ordered],
-            "message_ids": [keys[k] for k in ordered],
-        },
+    params = {
+        "saga_ids": [k.saga_id for k in ordered],
+        "steps": [k.step for k in ordered],
+        "actions": [k.action for k in ordered],
+        "message_ids": [keys[k] for k in ordered],
+    }
+    conn = session.connection()
+    # What the transaction holds back (its BEGIN, the sweep) goes with it.
+    rows = (
+        tail.all(conn, _RESERVE, params)
+        if tail is not None
+        else conn.exec_driver_sql(_RESERVE, params)
     )
     reserved: Reserved = {}
     for saga_id, step, action in rows:

@@ -34,7 +34,6 @@ from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
 from outbox_relay.pooling import check_on_checkout
-from outbox_relay.roundtrips import Tail
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from participants.batching import BatchWorker
@@ -90,8 +89,9 @@ class Binding:
     actors: dict[str, Actor[..., None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # A refusal's redo runs handlers in savepoints: each one round trip, not three.
-        roundtrips.hold_savepoints(self.engine)
+        # A refusal's redo runs handlers in savepoints: each one round trip, not three;
+        # and a batch's BEGIN rides with its first statement.
+        roundtrips.hold(self.engine)
 
     def parse(
         self, args: Sequence[Any], kwargs: Mapping[str, Any], *, resolve_handler: bool = True
@@ -138,7 +138,11 @@ class Binding:
                     with (
                         Session(self.engine) as session,
                         session.begin(),
-                        roundtrips.holding(session.connection(), tail := Tail()),
+                        # BEGIN goes with the first statement, not as a round trip
+                        # of its own (outbox_relay.roundtrips).
+                        roundtrips.opening(
+                            session.connection(execution_options=roundtrips.AUTOCOMMIT)
+                        ) as tail,
                     ):
                         # Confirmed rows deleted ahead of the handlers' inserts: a
                         # saga's next reply is leased only if no row of the saga is
@@ -146,7 +150,7 @@ class Binding:
                         # ride with the batch's next round trip.
                         for sql, params in self.writer.direct.sweep():
                             tail.defer(sql, params)
-                        reserved = reserve(session, envelopes)
+                        reserved = reserve(session, envelopes, tail)
                         try:
                             for index, envelope in enumerate(envelopes):
                                 inbox = PostgresInbox(

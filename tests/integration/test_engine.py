@@ -542,10 +542,11 @@ def test_only_replies_that_apply_enter_the_inbox_locked_and_recorded_in_one_roun
     with engine.connect() as conn:
         recorded = conn.scalars(select(reply_inbox.c.message_id)).all()
     assert recorded == [good.message_id]
-    # BEGIN; the lock with the inbox insert; the saga, history and outbox with COMMIT
-    # (besides the pool's pre-ping, an empty query).
+    # BEGIN with the lock and the inbox insert; the saga, history and outbox with
+    # COMMIT (besides the pool's pre-ping, an empty query).
     exchanged = trace_file.read_text()
-    assert exchanged.count("ReadyForQuery") - exchanged.count('Query\t ";"') == 3, exchanged
+    assert exchanged.count("ReadyForQuery") - exchanged.count('Query\t ";"') == 2, exchanged
+    assert exchanged.index('"BEGIN') < exchanged.index("FOR UPDATE"), exchanged
     # The same replies again: the good one is a duplicate, the others still rejected.
     again = orch.handle_replies([*problems.values(), good])
     assert [o.status for o in again] == ["rejected"] * 3 + ["duplicate"]

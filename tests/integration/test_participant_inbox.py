@@ -495,10 +495,12 @@ def test_a_batch_claims_the_inbox_keys_of_its_sagas_in_one_round_trip(
     fresh = [command("probe_do") for _ in range(4)]
     again = retry(done)  # already answered: its key is in the inbox
     waited = round_trips(binding, [*fresh, again], tmp_path / "protocol.txt")
-    # BEGIN (psycopg's, a wait of its own), the keys claimed ahead in one statement,
-    # each handler's statement, the answered key's claim and lock, then COMMIT with
-    # every reply. With a claim per message: 12.
-    assert waited == 1 + 1 + 4 + 2 + 1
+    # BEGIN with the keys claimed ahead in one statement, each handler's statement,
+    # the answered key's claim and lock, then COMMIT with every reply. With a claim
+    # per message: 12; with psycopg's BEGIN, a wait of its own: 9.
+    assert waited == 1 + 4 + 2 + 1
+    protocol = (tmp_path / "protocol.txt").read_text()
+    assert protocol.index('"BEGIN') < protocol.index("unnest"), protocol
     for cmd in fresh:
         assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
         [(_, reply)] = replies(engine, cmd.correlation_id)
@@ -554,12 +556,12 @@ def test_a_refusals_redo_sends_each_savepoint_with_what_was_held_back(
         driver(conn).prepare_threshold = None
     waited = round_trips(binding, batch, tmp_path / "protocol.txt")
     protocol = (tmp_path / "protocol.txt").read_text()
-    # First try: BEGIN, claims ahead, 2 handlers, ROLLBACK. The redo: BEGIN, claims
-    # ahead, the first handler, then for each of the 3 others SAVEPOINT (with what is
-    # held back) and its handler, the refused one's ROLLBACK TO, and COMMIT. (21 when
-    # each savepoint sent what was held back one statement at a time, then SAVEPOINT,
-    # and RELEASE on its own.)
-    assert waited == 5 + 3 + 3 * 2 + 1 + 1
+    # First try: BEGIN with the claims ahead, 2 handlers, ROLLBACK. The redo: BEGIN
+    # with the claims ahead, the first handler, then for each of the 3 others
+    # SAVEPOINT (with what is held back) and its handler, the refused one's ROLLBACK
+    # TO, and COMMIT. (21 when each savepoint sent what was held back one statement at
+    # a time, then SAVEPOINT, and RELEASE on its own; 16 with psycopg's BEGIN.)
+    assert waited == 4 + 2 + 3 * 2 + 1 + 1
     assert protocol.count("SAVEPOINT sa_savepoint") == 3 + 1 + 2  # set, undone, released
     for cmd in ok:
         [(_, reply)] = replies(engine, cmd.correlation_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -12,6 +13,7 @@ import pytest
 from psycopg import pq
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Integer,
     MetaData,
@@ -24,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from outbox_relay.roundtrips import Tail, hold_savepoints, holding
+from outbox_relay.roundtrips import AUTOCOMMIT, Tail, driver, hold, holding, opening
 
 pytestmark = pytest.mark.integration
 
@@ -188,7 +190,7 @@ def test_first_raises_a_held_statements_failure_and_nothing_stays(engine: Engine
 def test_held_savepoints_keep_what_was_held_before_them_and_forget_what_was_undone(
     engine: Engine,
 ) -> None:
-    hold_savepoints(engine)
+    hold(engine)
     with Session(engine) as session, session.begin():
         conn = session.connection()
         tail = Tail()
@@ -214,3 +216,128 @@ def test_held_savepoints_keep_what_was_held_before_them_and_forget_what_was_undo
         with session.begin_nested():
             session.execute(things.insert().values(id=5))
     assert ids(engine) == [1, 3, 5]
+
+
+@contextmanager
+def opened(engine: Engine) -> Iterator[tuple[Connection, Tail]]:
+    """A transaction as the participant worker and the orchestrator open theirs."""
+    hold(engine)
+    with (
+        engine.connect() as conn,
+        conn.execution_options(**AUTOCOMMIT).begin(),
+        opening(conn) as tail,
+    ):
+        yield conn, tail
+
+
+def idle_and_transactional(engine: Engine) -> None:
+    """The pool's connection is back out of autocommit, outside any transaction."""
+    with engine.connect() as conn:
+        raw = driver(conn)
+        assert not raw.autocommit
+        assert raw.info.transaction_status == pq.TransactionStatus.IDLE
+        conn.exec_driver_sql(INSERT, {"id": 99})
+        conn.rollback()  # not autocommit: the insert is undone
+    assert 99 not in ids(engine)
+
+
+def test_an_opening_tail_sends_begin_with_the_first_statement(engine: Engine) -> None:
+    with opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 1})
+        box: list[Any] = []
+        exchanged = protocol(
+            driver(conn), lambda: box.append(tail.first(conn, "SELECT count(*) FROM things", {}))
+        )
+        assert box == [(1,)]
+        assert driver(conn).info.transaction_status == pq.TransactionStatus.INTRANS
+        tail.defer(INSERT, {"id": 2})
+        committed = protocol(driver(conn), lambda: tail.commit(conn))
+    # BEGIN, the insert and the query: one round trip; then the insert and COMMIT.
+    assert exchanged.count("F Execute") == 3 and exchanged.count("F Sync") == 1
+    assert exchanged.count("B ReadyForQuery") == 1 and committed.count("B ReadyForQuery") == 1
+    assert ids(engine) == [1, 2]
+    idle_and_transactional(engine)
+
+
+def test_a_statement_outside_the_tail_sends_begin_first(engine: Engine) -> None:
+    # Whatever runs on the connection runs in the transaction: undone with it.
+    with pytest.raises(RuntimeError), opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 1})
+        conn.exec_driver_sql(INSERT, {"id": 2})
+        conn.execute(things.insert().values(id=3))
+        assert driver(conn).info.transaction_status == pq.TransactionStatus.INTRANS
+        raise RuntimeError("undo")
+    assert ids(engine) == []
+    idle_and_transactional(engine)
+    with opened(engine) as (conn, tail):
+        conn.exec_driver_sql(INSERT, {"id": 4})
+        tail.defer(INSERT, {"id": 5})
+        tail.commit(conn)
+    assert ids(engine) == [4, 5]
+
+
+def test_a_failure_in_the_first_round_trip_leaves_the_pooled_connection_idle(
+    engine: Engine,
+) -> None:
+    with opened(engine) as (conn, tail):
+        conn.exec_driver_sql(INSERT, {"id": 1})
+    with pytest.raises(IntegrityError), opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 2})
+        tail.defer(INSERT, {"id": 1})
+        tail.all(conn, "SELECT id FROM things", {})
+    assert ids(engine) == [1]
+    idle_and_transactional(engine)
+    with pytest.raises(IntegrityError), opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 3})
+        tail.defer(INSERT, {"id": 1})
+        tail.commit(conn)
+    assert ids(engine) == [1]
+    idle_and_transactional(engine)
+
+
+def test_an_opening_transaction_with_nothing_run_sends_nothing(engine: Engine) -> None:
+    with opened(engine) as (conn, tail):
+        exchanged = protocol(driver(conn), lambda: tail.commit(conn))
+    assert exchanged == []
+    idle_and_transactional(engine)
+
+
+def test_opening_keeps_the_engines_isolation_level(db_url: str) -> None:
+    strict = create_engine(
+        db_url.replace("postgresql://", "postgresql+psycopg://"),
+        pool_size=1,
+        max_overflow=0,
+        isolation_level="REPEATABLE READ",
+    )
+    try:
+        with opened(strict) as (conn, tail):
+            [(level,)] = tail.all(conn, "SHOW transaction_isolation", None)
+            assert level == "repeatable read"
+            tail.commit(conn)
+        with strict.connect() as conn:
+            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+    finally:
+        strict.dispose()
+
+
+def test_opening_refuses_a_connection_it_cannot_open(engine: Engine, db_url: str) -> None:
+    other = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with (
+            pytest.raises(ValueError, match="hold"),
+            other.connect() as plain,
+            opening(plain.execution_options(**AUTOCOMMIT)),
+        ):
+            pass
+    finally:
+        other.dispose()
+    hold(engine)
+    with pytest.raises(ValueError, match="autocommit"), engine.begin() as conn, opening(conn):
+        pass
+    with engine.connect() as plain:
+        conn = plain.execution_options(**AUTOCOMMIT)
+        conn.exec_driver_sql("BEGIN")
+        with pytest.raises(ValueError, match="already in a transaction"), opening(conn):
+            pass
+        conn.exec_driver_sql("ROLLBACK")
+    idle_and_transactional(engine)
