@@ -8,9 +8,10 @@ an AMQP URL.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import quote
 
@@ -20,12 +21,14 @@ DEFAULT_HOST = "127.0.0.1:5672"
 
 
 def rabbitmqctl(
-    *args: str, check: bool = True, timeout: float = 60.0
+    *args: str, check: bool = True, timeout: float = 60.0, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``rabbitmqctl -q ARGS``; with ``check``, a ConfigurationError unless it succeeded."""
     command = ["rabbitmqctl", "-q", *args]
     try:
-        return subprocess.run(command, check=check, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            command, check=check, capture_output=True, text=True, timeout=timeout, input=stdin
+        )
     except FileNotFoundError:
         raise ConfigurationError(
             "rabbitmqctl is not installed here: it is needed to make a RabbitMQ vhost"
@@ -40,8 +43,24 @@ def rabbitmqctl(
 def recreate(name: str, *, user: str = "guest") -> None:
     """An empty vhost ``name`` (dropped first if it exists), with every right for ``user``."""
     delete(name)
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+    create([name], user=user)
+
+
+def create(names: Sequence[str], *, user: str = "guest") -> None:
+    """New vhosts ``names``, with every right for ``user``, in one ``rabbitmqctl`` call.
+
+    Each call starts an Erlang VM (about a second of CPU): ``import_definitions`` makes
+    them all at once, where ``add_vhost`` and ``set_permissions`` took two calls each.
+    """
+    definitions = {
+        "vhosts": [{"name": name} for name in names],
+        "permissions": [
+            {"user": user, "vhost": name, "configure": ".*", "write": ".*", "read": ".*"}
+            for name in names
+        ],
+    }
+    # On stdin: rabbitmqctl reads a file as the rabbitmq user, who may not see ours.
+    rabbitmqctl("import_definitions", "--format", "json", stdin=json.dumps(definitions))
 
 
 def delete(name: str) -> None:
@@ -60,7 +79,7 @@ def url(
 def scratch(prefix: str, host: str = DEFAULT_HOST) -> Iterator[str]:
     """A fresh vhost named ``PREFIX_<random>`` for the block; yields its AMQP URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    recreate(name)
+    create([name])
     try:
         yield url(name, host)
     finally:

@@ -29,13 +29,20 @@ def db_url(template_db: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def session_vhost(services: None) -> Iterator[str]:
-    with servers.vhost() as url:
+def vhost_pool(services: None) -> Iterator[servers.VhostPool]:
+    pool = servers.VhostPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def session_vhost(vhost_pool: servers.VhostPool) -> Iterator[str]:
+    with servers.vhost(vhost_pool) as url:
         yield url
 
 
 @pytest.fixture
-def amqp_url(services: None) -> Iterator[str]:
+def amqp_url(vhost_pool: servers.VhostPool) -> Iterator[str]:
     """A fresh RabbitMQ vhost for this test alone (guest has full rights on it)."""
-    with servers.vhost() as url:
+    with servers.vhost(vhost_pool) as url:
         yield url
