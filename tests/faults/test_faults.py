@@ -227,14 +227,14 @@ def test_rabbitmq_blackholed_then_refused(system: System) -> None:
     with running(system):
         system.load(4)
         system.settle(30)
-        # 45 s of silence, then 10 s of refusals, is longer than a step's 3 attempts of
+        # 30 s of silence, then 5 s of refusals, is longer than a step's 3 attempts of
         # 10 s: the sagas started meanwhile may time out and compensate, which is right too.
         with harness.amqp_blocked("DROP"):
             system.load(3, may_time_out=True)  # only in the orchestrator's outbox for now
-            time.sleep(45)
+            time.sleep(30)
         with harness.amqp_blocked("REJECT"):
             system.load(3, may_time_out=True)
-            time.sleep(10)
+            time.sleep(5)
         system.load(3)
         system.settle(90)
     system.assert_consistent()

@@ -341,3 +341,18 @@ def test_opening_refuses_a_connection_it_cannot_open(engine: Engine, db_url: str
             pass
         conn.exec_driver_sql("ROLLBACK")
     idle_and_transactional(engine)
+
+
+def test_an_opened_connection_lost_mid_transaction_is_not_pooled(engine: Engine) -> None:
+    with pytest.raises(DBAPIError), opened(engine) as (conn, tail):
+        [(pid,)] = tail.all(conn, "SELECT pg_backend_pid()", None)
+        with create_engine(engine.url.render_as_string(hide_password=False)).connect() as other:
+            other.exec_driver_sql("SELECT pg_terminate_backend(%(pid)s)", {"pid": pid})
+        tail.defer(INSERT, {"id": 1})
+        tail.commit(conn)
+    # The pool's only connection was replaced by a working one, out of autocommit.
+    idle_and_transactional(engine)
+    with opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 2})
+        tail.commit(conn)
+    assert ids(engine) == [2]
