@@ -121,15 +121,16 @@ class Tail:
     def commit(self, target: Connection | Session) -> None:
         """Send what is held back and COMMIT ``target``'s transaction, in one round trip."""
         conn = target.connection() if isinstance(target, Session) else target
-        if not self._pending or (isinstance(target, Session) and target.dispatch.before_commit):
-            if not self._pending:
+        hooked = isinstance(target, Session) and bool(target.dispatch.before_commit)
+        if isinstance(target, Session) and not hooked:
+            target.flush()  # an ORM flush reads results: not in the pipeline
+        if not self._pending or hooked:
+            if not self._pending and not hooked:
                 self._begin = None  # nothing ran: no transaction to open just to end it
             # A before_commit hook may still write: it must find the transaction open.
             self.flush(conn)
             target.commit()
             return
-        if isinstance(target, Session):
-            target.flush()  # an ORM flush reads results: not in the pipeline
         raw = driver(conn)
         pending = self._take()
         # One Sync for all: the statements, then COMMIT, then the results. (psycopg's

@@ -356,3 +356,36 @@ def test_an_opened_connection_lost_mid_transaction_is_not_pooled(engine: Engine)
         tail.defer(INSERT, {"id": 2})
         tail.commit(conn)
     assert ids(engine) == [2]
+
+
+@contextmanager
+def opened_session(engine: Engine) -> Iterator[tuple[Session, Tail]]:
+    """As ``opened``, in a Session (the participant worker's)."""
+    hold(engine)
+    with (
+        Session(engine) as session,
+        session.begin(),
+        opening(session.connection(execution_options=AUTOCOMMIT)) as tail,
+    ):
+        yield session, tail
+
+
+def test_an_opened_sessions_commit_keeps_a_hooks_write_inside_the_transaction(
+    engine: Engine,
+) -> None:
+    with opened_session(engine) as (session, tail):
+        session.execute(things.insert().values(id=1))
+        tail.defer(INSERT, {"id": 2})
+        tail.commit(session)
+    assert ids(engine) == [1, 2]
+
+    def hook(session: Session) -> None:
+        session.execute(things.insert().values(id=31))
+        raise RuntimeError("the hook refuses: nothing of the transaction may stay")
+
+    # Nothing ran before the hook: its write must still find BEGIN sent, not commit alone.
+    with pytest.raises(RuntimeError), opened_session(engine) as (session, tail):
+        event.listen(session, "before_commit", hook)
+        tail.commit(session)
+    assert ids(engine) == [1, 2]
+    idle_and_transactional(engine)
