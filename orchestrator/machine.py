@@ -45,6 +45,7 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Literal
 
 from orchestrator.definition import Retry, Saga, Step, render
@@ -100,8 +101,11 @@ class Command:
         return command_id(self.saga_id, self.step, self.kind, self.attempt)
 
 
+@lru_cache(maxsize=1024)
 def command_id(saga_id: str, step: str, kind: str, attempt: int) -> str:
     """Deterministic: re-deciding the same transition never mints a second message."""
+    # Cached: a command's id is read for its envelope, its outbox row and its history
+    # row, and a SHA-1 each time cost more than the lookup.
     return str(uuid.uuid5(uuid.UUID(saga_id), f"{step}/{kind}/{attempt}"))
 
 

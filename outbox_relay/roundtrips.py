@@ -19,7 +19,8 @@ BEGIN too, in a transaction ``opening`` its tail: psycopg sends its implicit BEG
 a round trip of its own, even in pipeline mode (it must read its result before the next
 statement's, psycopg PR 401). A connection in autocommit sends none, and the tail sends
 ``BEGIN`` with its first round trip instead. Any other statement on that connection
-sends it first (``hold``), so none can run outside the transaction; ending it stays
+takes it, and what is held back, in its own pipeline (``hold``: a handler's first
+statement, in a participant's worker), so none can run outside the transaction; ending it stays
 SQLAlchemy's (psycopg commits or rolls back by the connection's status, autocommit or
 not), and SQLAlchemy takes autocommit off again when the pool gets it back.
 """
@@ -154,6 +155,15 @@ class Tail:
             self._begin = None
         return pending
 
+    @contextmanager
+    def opened(self, raw: psycopg.Connection[Any]) -> Iterator[None]:
+        """Send BEGIN and what is held back, then what the block sends on ``raw``, in
+        one pipeline: one round trip. The block's results are read once it ends."""
+        with raw.pipeline():
+            read = _send_all(raw, self._take())
+            yield
+        _read(read)
+
     def _open(self, raw: psycopg.Connection[Any]) -> None:
         """Send BEGIN (and what is held back with it) if it is still to be sent: another
         statement is about to run on this connection (``hold``)."""
@@ -283,23 +293,39 @@ def hold(engine: Engine) -> None:
             tail.discard()
         rollback_to(conn, name)
 
-    def opened(cursor: Any) -> None:
-        # Not one statement outside the transaction: if the tail still holds its BEGIN,
-        # it goes now, before this statement (the round trip it would have taken anyway).
+    def opening(cursor: Any) -> Tail | None:
+        # Not one statement outside the transaction: the tail whose BEGIN is still to be
+        # sent before this statement, if any.
         current = _held.get()
-        if current is not None and current[1]._begin and current[0] is cursor.connection:
-            current[1]._open(current[0])
+        if current is None or not current[1]._begin or current[0] is not cursor.connection:
+            return None
+        if type(cursor) is not psycopg.Cursor:
+            current[1]._open(current[0])  # a server-side cursor: not in a pipeline
+            return None
+        return current[1]
 
     def do_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        opened(cursor)
-        execute(cursor, statement, parameters, context)
+        tail = opening(cursor)
+        if tail is None:
+            execute(cursor, statement, parameters, context)
+            return
+        # BEGIN, what is held back with it, and this statement: one round trip (a
+        # handler's first statement, in a worker's transaction).
+        with tail.opened(cursor.connection):
+            execute(cursor, statement, parameters, context)
 
     def do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
-        opened(cursor)
-        execute_no_params(cursor, statement, context)
+        tail = opening(cursor)
+        if tail is None:
+            execute_no_params(cursor, statement, context)
+            return
+        with tail.opened(cursor.connection):
+            execute_no_params(cursor, statement, context)
 
     def do_executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        opened(cursor)
+        tail = opening(cursor)
+        if tail is not None:
+            tail._open(cursor.connection)  # executemany runs its own pipeline
         executemany(cursor, statement, parameters, context)
 
     hooks: dict[str, Callable[..., None]] = {

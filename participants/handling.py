@@ -4,7 +4,10 @@ The transaction (an Inbox: store.PostgresInbox, or testing.MemoryInbox):
 
 1. claims the idempotency key (saga id, step, action) in the inbox; a duplicate, or a
    new attempt of a step already answered, gets the stored reply and nothing runs
-   (except after 'compensation_failed', which is not stored: compensations are retried);
+   (except after 'compensation_failed', which is not stored: compensations are retried).
+   A worker's inbox claims late (store.PostgresInbox.late): the row is inserted with
+   the reply, and a key already there fails the transaction, which is redone claiming
+   first: a duplicate's handler may run once in a transaction that never commits;
 2. runs the handler in a savepoint, so a BusinessFailure undoes the business effects
    but keeps the inbox row and its 'failed' reply;
 3. stores the reply on the inbox row and adds it to the outbox (one statement).

@@ -44,6 +44,7 @@ class PostgresInbox:
         optimistic: bool = False,
         tail: Tail | None = None,
         reserved: Reserved | None = None,
+        late: LateClaims | None = None,
     ) -> None:
         self.session = session
         self.writer = writer or OutboxWriter()
@@ -53,6 +54,12 @@ class PostgresInbox:
         self.tail = tail
         # Rows this transaction inserted ahead for its messages (``reserve``).
         self.reserved = reserved
+        # Keys claimed late: each row is inserted with its reply, in the reply's own
+        # statement (``send``); a duplicate's insert fails, and the caller redoes the
+        # transaction with claims first. Not for a transaction that handles a slip's
+        # next step here (``savepoint(always=True)``): a claim inside a savepoint would
+        # outlive its rollback.
+        self.late = late
 
     def claim(
         self,
@@ -70,6 +77,9 @@ class PostgresInbox:
         ):
             # Inserted by ``reserve`` for this very message: claimed, nothing to send.
             del self.reserved[key]
+            return None
+        if self.late is not None and status == "done" and reply is None:
+            self.late[key] = message_id
             return None
         conn = self.session.connection()
         params = {
@@ -97,6 +107,8 @@ class PostgresInbox:
                 )
 
     def release(self, key: InboxKey) -> None:
+        if self.late is not None and self.late.pop(key, None) is not None:
+            return  # never inserted
         self._connection().exec_driver_sql(_RELEASE, _key_params(key))
 
     def savepoint(self, *, always: bool = False) -> AbstractContextManager[object]:
@@ -120,11 +132,18 @@ class PostgresInbox:
         along = None
         if records:
             params: dict[str, Any] = {}
+            statements = []
             for i, (key, stored) in enumerate(records):
                 params.update({f"r{i}_{k}": v for k, v in _key_params(key).items()})
                 params[f"r{i}_type"] = stored.type
                 params[f"r{i}_payload"] = _dumps(stored.payload)
-            along = Along(tuple(_record(i) for i in range(len(records))), params)
+                message_id = self.late.pop(key, None) if self.late is not None else None
+                if message_id is None:
+                    statements.append(_record(i))  # claimed already: its reply goes on it
+                else:
+                    params[f"r{i}_message_id"] = message_id
+                    statements.append(_record_claimed(i))
+            along = Along(tuple(statements), params)
         built = self.writer.statement([outgoing(reply, destination)], along=along)
         # A leased insert says which rows are this writer's to publish (direct publishing).
         on_row = self.writer.direct.took if self.writer.lease is not None else None
@@ -163,6 +182,8 @@ _RESERVE = (
 
 # Inbox keys claimed ahead by ``reserve``, each for the message id it was inserted with.
 Reserved = dict[InboxKey, str]
+# Inbox keys claimed late (``PostgresInbox.late``), each for the message id claiming it.
+LateClaims = dict[InboxKey, str]
 
 
 def reserve(session: Session, envelopes: Sequence[Envelope], tail: Tail | None = None) -> Reserved:
@@ -208,6 +229,41 @@ def reserve(session: Session, envelopes: Sequence[Envelope], tail: Tail | None =
         key = InboxKey(saga_id, step, action)
         reserved[key] = keys[key]
     return reserved
+
+
+def claim_late(tail: Tail, late: LateClaims) -> None:
+    """Hold back the insert of each key still claimed late (none sent its reply), to go
+    with the transaction's COMMIT: a duplicate then fails the commit as it would have
+    failed the reply's statement."""
+    for key, message_id in late.items():
+        tail.defer(_CLAIM_LATE, {**_key_params(key), "message_id": message_id})
+    late.clear()
+
+
+def claim_conflict(error: BaseException) -> bool:
+    """Whether ``error`` says a key claimed late was in the inbox already."""
+    orig = getattr(error, "orig", None)
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, "constraint_name", None) == _PRIMARY_KEY
+
+
+_PRIMARY_KEY = "command_inbox_pkey"
+_CLAIM_LATE = (
+    f"INSERT INTO {_TABLE} (saga_id, step, action, message_id, status) VALUES "
+    "(%(saga_id)s, %(step)s, %(action)s, %(message_id)s, 'done')"
+)
+
+
+@cache  # built once per position, not once per message
+def _record_claimed(i: int) -> str:
+    """The statement inserting the ``i``-th record's inbox row, claimed late, with its
+    reply. No ON CONFLICT: a row already there fails the transaction."""
+    return (
+        f"INSERT INTO {_TABLE} "
+        "(saga_id, step, action, message_id, status, reply_type, reply_payload) VALUES "
+        f"(%(r{i}_saga_id)s, %(r{i}_step)s, %(r{i}_action)s, %(r{i}_message_id)s, 'done', "
+        f"%(r{i}_type)s, %(r{i}_payload)s::jsonb)"
+    )
 
 
 @cache  # built once per position, not once per message

@@ -26,6 +26,7 @@ from dramatiq import Actor, Broker, Middleware, Worker
 from dramatiq.middleware import Retries
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from structlog.contextvars import bound_contextvars
 
@@ -34,6 +35,7 @@ from outbox_relay.errors import MessageError
 from outbox_relay.failpoints import NO_FAILPOINTS, Failpoints
 from outbox_relay.message import Envelope, envelope_from_dict
 from outbox_relay.pooling import check_on_checkout
+from outbox_relay.redaction import redact_text
 from outbox_relay.table import OutboxWriter
 from outbox_relay.topology import DEFAULT_DELIVERY_LIMIT, Topology
 from participants.batching import BatchWorker
@@ -44,7 +46,10 @@ from participants.middleware import ParticipantMiddleware, parsed
 from participants.participant import Participant
 from participants.replies import reply_to, technical_failure
 from participants.store import (
+    LateClaims,
     PostgresInbox,
+    claim_conflict,
+    claim_late,
     purge_inbox,
     reserve,
     rollback_keeping_prepared,
@@ -127,12 +132,22 @@ class Binding:
         transaction is rolled back and redone, with a savepoint for that envelope and
         every one after it: refusals come with the workload (declined payments), and a
         redo per refusal would run a batch's first handlers again and again. The
-        batch's inbox keys are claimed ahead in one statement (``store.reserve``).
+        batch's inbox keys are claimed late: each command's row is inserted with its
+        reply, in the reply's statement (``PostgresInbox.late``). A key already there
+        (a duplicate, a command cancelled by its compensation) fails that insert; the
+        transaction is then rolled back and redone with the keys claimed first, in
+        one statement (``store.reserve``), so that a duplicate runs nothing. Any other
+        database error is redone that way too, once, before it is raised.
         ``contexts``: the log context of each envelope, bound while it is handled.
         """
         savepoints: set[int] = set()
+        # Not with a slip's step to be handled here next: its savepoint would carry the
+        # claims of the step before it, and a duplicate's failure would read as its own.
+        late: LateClaims | None = None if self._local_slip(envelopes) else {}
         while True:
             index = 0
+            if late is not None:
+                late.clear()
             try:
                 with on_commit() as committed:
                     with (
@@ -150,7 +165,7 @@ class Binding:
                         # ride with the batch's next round trip.
                         for sql, params in self.writer.direct.sweep():
                             tail.defer(sql, params)
-                        reserved = reserve(session, envelopes, tail)
+                        reserved = reserve(session, envelopes, tail) if late is None else {}
                         try:
                             for index, envelope in enumerate(envelopes):
                                 inbox = PostgresInbox(
@@ -159,12 +174,15 @@ class Binding:
                                     optimistic=index not in savepoints,
                                     tail=tail,
                                     reserved=reserved,
+                                    late=late,
                                 )
                                 with bound_contextvars(**(contexts[index] if contexts else {})):
                                     self.participant.handle(session, envelope, inbox=inbox)
                         except SavepointNeeded:
                             rollback_keeping_prepared(session)
                             raise
+                        if late:
+                            claim_late(tail, late)
                         self.failpoints("participant.before_commit")
                         tail.commit(session)
                     committed()
@@ -174,9 +192,27 @@ class Binding:
             except SavepointNeeded:
                 self.writer.rolled_back()
                 savepoints.update(range(index, len(envelopes)))
+            except DBAPIError as e:
+                self.writer.rolled_back()
+                if late is None:
+                    raise
+                log.info(
+                    "inbox_claims_redone",
+                    size=len(envelopes),
+                    conflict=claim_conflict(e),
+                    error=redact_text(str(e.orig)),
+                )
+                late = None
             except BaseException:
                 self.writer.rolled_back()
                 raise
+
+    def _local_slip(self, envelopes: Sequence[Envelope]) -> bool:
+        name = self.participant.name
+        return any(
+            e.slip is not None and any(s.participant == name for s in e.slip.next)
+            for e in envelopes
+        )
 
     def reply_failure(self, envelope: Envelope, reason: str) -> None:
         """Best effort: tell the orchestrator that ``envelope`` was dead-lettered.

@@ -487,7 +487,30 @@ def round_trips(binding: Binding, envelopes: list[Envelope], trace_file: Path) -
     return trace_file.read_text().count("ReadyForQuery")
 
 
-def test_a_batch_claims_the_inbox_keys_of_its_sagas_in_one_round_trip(
+def test_a_batch_writes_each_inbox_row_with_its_reply(
+    engine: Engine, probe: Probe, binding: Binding, tmp_path: Path
+) -> None:
+    fresh = [command("probe_do") for _ in range(4)]
+    waited = round_trips(binding, fresh, tmp_path / "protocol.txt")
+    # BEGIN with the first handler's statement, each other handler's, then COMMIT with
+    # every reply, each carrying its inbox row. With the keys claimed ahead in one
+    # statement: 6 (7 with psycopg's BEGIN a wait of its own); a claim per message: 9.
+    assert waited == 4 + 1
+    protocol = (tmp_path / "protocol.txt").read_text()
+    # BEGIN, then the first handler's statement, in one pipeline: one Sync.
+    first = protocol[: protocol.index("ReadyForQuery")]
+    assert '"BEGIN' in first and "INSERT INTO" in first and first.count("Sync") == 1, first
+    assert "unnest" not in protocol and "UPDATE sagabox.command_inbox" not in protocol
+    assert protocol.count("INSERT INTO sagabox.command_inbox") == 4
+    for cmd in fresh:
+        assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
+        [(_, reply)] = replies(engine, cmd.correlation_id)
+        assert (reply.type, reply.causation_id) == ("succeeded", cmd.message_id)
+        assert probe_effect(engine, cmd.correlation_id) == 1
+    assert probe.calls == ["do:1"] * 4
+
+
+def test_a_duplicate_in_a_batch_is_undone_and_redone_with_the_keys_claimed_first(
     engine: Engine, probe: Probe, binding: Binding, tmp_path: Path
 ) -> None:
     done = command("probe_do")
@@ -495,21 +518,42 @@ def test_a_batch_claims_the_inbox_keys_of_its_sagas_in_one_round_trip(
     fresh = [command("probe_do") for _ in range(4)]
     again = retry(done)  # already answered: its key is in the inbox
     waited = round_trips(binding, [*fresh, again], tmp_path / "protocol.txt")
-    # BEGIN with the keys claimed ahead in one statement, each handler's statement,
-    # the answered key's claim and lock, then COMMIT with every reply. With a claim
-    # per message: 12; with psycopg's BEGIN, a wait of its own: 9.
-    assert waited == 1 + 4 + 2 + 1
+    # The first try: BEGIN with the first handler's statement, 4 more, then COMMIT,
+    # which the answered key's row fails; ROLLBACK. The redo: BEGIN with the keys
+    # claimed ahead in one statement, 4 handlers, the answered key's claim and lock,
+    # then COMMIT with the replies.
+    assert waited == (5 + 1 + 1) + (1 + 4 + 2 + 1)
     protocol = (tmp_path / "protocol.txt").read_text()
-    assert protocol.index('"BEGIN') < protocol.index("unnest"), protocol
+    assert protocol.index("command_inbox_pkey") < protocol.index("unnest"), protocol
     for cmd in fresh:
         assert inbox_rows(engine, cmd.correlation_id) == {"command": ("done", "succeeded")}
         [(_, reply)] = replies(engine, cmd.correlation_id)
         assert (reply.type, reply.causation_id) == ("succeeded", cmd.message_id)
         assert probe_effect(engine, cmd.correlation_id) == 1
-    # The answered command ran nothing again and got its stored reply.
+    # The answered command got its stored reply; its run in the first try was undone.
     first, second = (e for _, e in replies(engine, done.correlation_id))
     assert second.type == "succeeded" and second.payload == first.payload
-    assert probe.calls == ["do:1"] * 5 and probe_effect(engine, done.correlation_id) == 1
+    assert probe_effect(engine, done.correlation_id) == 1
+    assert probe.calls == ["do:1"] * 5 + ["do:2"] + ["do:1"] * 4
+
+
+def test_a_command_its_compensation_overtook_in_a_batch_applies_nothing(
+    engine: Engine, probe: Probe, binding: Binding
+) -> None:
+    cmd = command("probe_do")
+    binding.apply([compensation("probe_undo", cmd)])  # a tombstone for cmd
+    other = command("probe_do")
+    binding.apply([cmd, other])
+    assert inbox_rows(engine, cmd.correlation_id) == {
+        "command": ("tombstone", "cancelled"),
+        "compensation": ("done", "compensated"),
+    }
+    assert [e.type for _, e in replies(engine, cmd.correlation_id)] == ["compensated", "cancelled"]
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert inbox_rows(engine, other.correlation_id) == {"command": ("done", "succeeded")}
+    assert probe_effect(engine, other.correlation_id) == 1
+    # cmd ran in the first try, undone with it; the redo found the tombstone.
+    assert probe.calls == ["do:1", "do:1", "do:1"]
 
 
 def test_messages_of_one_saga_in_a_batch_claim_in_their_own_order(
@@ -556,12 +600,13 @@ def test_a_refusals_redo_sends_each_savepoint_with_what_was_held_back(
         driver(conn).prepare_threshold = None
     waited = round_trips(binding, batch, tmp_path / "protocol.txt")
     protocol = (tmp_path / "protocol.txt").read_text()
-    # First try: BEGIN with the claims ahead, 2 handlers, ROLLBACK. The redo: BEGIN
-    # with the claims ahead, the first handler, then for each of the 3 others
-    # SAVEPOINT (with what is held back) and its handler, the refused one's ROLLBACK
-    # TO, and COMMIT. (21 when each savepoint sent what was held back one statement at
-    # a time, then SAVEPOINT, and RELEASE on its own; 16 with psycopg's BEGIN.)
-    assert waited == 4 + 2 + 3 * 2 + 1 + 1
+    # First try: BEGIN with the first handler's statement, the second handler's,
+    # ROLLBACK. The redo: BEGIN with the first handler's statement, then for each of
+    # the 3 others SAVEPOINT (with what is held back) and its handler, the refused
+    # one's ROLLBACK TO, and COMMIT. (14 with the keys claimed ahead, 16 with psycopg's
+    # BEGIN a wait of its own, 21 when each savepoint sent what was held back one
+    # statement at a time, then SAVEPOINT, and RELEASE on its own.)
+    assert waited == 3 + 1 + 3 * 2 + 1 + 1
     assert protocol.count("SAVEPOINT sa_savepoint") == 3 + 1 + 2  # set, undone, released
     for cmd in ok:
         [(_, reply)] = replies(engine, cmd.correlation_id)

@@ -276,6 +276,50 @@ def test_a_statement_outside_the_tail_sends_begin_first(engine: Engine) -> None:
     assert ids(engine) == [4, 5]
 
 
+def test_a_statement_outside_the_tail_takes_begin_and_what_is_held_in_its_round_trip(
+    engine: Engine,
+) -> None:
+    with opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 1})
+        box: list[Any] = []
+        exchanged = protocol(
+            driver(conn),
+            lambda: box.append(conn.exec_driver_sql("SELECT count(*) FROM things").scalar()),
+        )
+        assert box == [1]  # it sees the held insert
+        assert exchanged.count("F Execute") == 3 and exchanged.count("F Sync") == 1
+        assert exchanged.count("B ReadyForQuery") == 1
+        # Rows come back as from any query, through SQLAlchemy's result.
+        assert conn.execute(select(things.c.id)).all() == [(1,)]
+        tail.commit(conn)
+    assert ids(engine) == [1]
+
+
+def test_a_held_statements_failure_raises_from_the_statement_it_rode_with(
+    engine: Engine,
+) -> None:
+    with opened(engine) as (conn, tail):
+        conn.exec_driver_sql(INSERT, {"id": 1})
+    with pytest.raises(IntegrityError), opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 2})
+        tail.defer(INSERT, {"id": 1})
+        conn.exec_driver_sql(INSERT, {"id": 3})
+    assert ids(engine) == [1]
+    idle_and_transactional(engine)
+
+
+def test_a_server_side_cursor_sends_begin_ahead_of_its_statement(engine: Engine) -> None:
+    # A named cursor cannot run in a pipeline: BEGIN and what is held go first.
+    with opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 1})
+        streamed = conn.execution_options(stream_results=True).execute(select(things.c.id))
+        assert streamed.all() == [(1,)]
+        tail.defer(INSERT, {"id": 2})
+        tail.commit(conn)
+    assert ids(engine) == [1, 2]
+    idle_and_transactional(engine)
+
+
 def test_a_failure_in_the_first_round_trip_leaves_the_pooled_connection_idle(
     engine: Engine,
 ) -> None:
