@@ -586,6 +586,40 @@ def test_messages_of_one_saga_in_a_batch_claim_in_their_own_order(
     assert probe.calls == ["do:1"] * 4
 
 
+def test_a_compensation_ahead_of_its_command_in_one_batch_cancels_it(
+    engine: Engine, probe: Probe, binding: Binding
+) -> None:
+    # No slip: the batch claims late. The command's row, inserted with its reply,
+    # meets the tombstone its compensation wrote earlier in the same transaction; the
+    # batch is redone claiming first, and the command is cancelled.
+    cmd = command("probe_do")
+    other = command("probe_do")
+    binding.apply([compensation("probe_undo", cmd), cmd, other])
+    assert inbox_rows(engine, cmd.correlation_id) == {
+        "command": ("tombstone", "cancelled"),
+        "compensation": ("done", "compensated"),
+    }
+    assert [e.type for _, e in replies(engine, cmd.correlation_id)] == ["compensated", "cancelled"]
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert inbox_rows(engine, other.correlation_id) == {"command": ("done", "succeeded")}
+    assert probe_effect(engine, other.correlation_id) == 1
+    assert probe.calls == ["do:1"] * 2 + ["do:1"]  # both, undone; then the other alone
+
+
+def test_a_command_ahead_of_its_compensation_in_one_batch_is_undone_by_it(
+    engine: Engine, probe: Probe, binding: Binding
+) -> None:
+    cmd = command("probe_do")
+    binding.apply([cmd, compensation("probe_undo", cmd)])
+    assert inbox_rows(engine, cmd.correlation_id) == {
+        "command": ("done", "succeeded"),
+        "compensation": ("done", "compensated"),
+    }
+    assert [e.type for _, e in replies(engine, cmd.correlation_id)] == ["succeeded", "compensated"]
+    assert probe_effect(engine, cmd.correlation_id) == 0
+    assert probe.calls == ["do:1", "undo"]
+
+
 def test_a_refusals_redo_sends_each_savepoint_with_what_was_held_back(
     engine: Engine, probe: Probe, binding: Binding, tmp_path: Path
 ) -> None:
