@@ -295,19 +295,6 @@ def test_a_statement_outside_the_tail_takes_begin_and_what_is_held_in_its_round_
     assert ids(engine) == [1]
 
 
-def test_a_held_statements_failure_raises_from_the_statement_it_rode_with(
-    engine: Engine,
-) -> None:
-    with opened(engine) as (conn, tail):
-        conn.exec_driver_sql(INSERT, {"id": 1})
-    with pytest.raises(IntegrityError), opened(engine) as (conn, tail):
-        tail.defer(INSERT, {"id": 2})
-        tail.defer(INSERT, {"id": 1})
-        conn.exec_driver_sql(INSERT, {"id": 3})
-    assert ids(engine) == [1]
-    idle_and_transactional(engine)
-
-
 def test_a_server_side_cursor_sends_begin_ahead_of_its_statement(engine: Engine) -> None:
     # A named cursor cannot run in a pipeline: BEGIN and what is held go first.
     with opened(engine) as (conn, tail):
@@ -335,6 +322,13 @@ def test_a_failure_in_the_first_round_trip_leaves_the_pooled_connection_idle(
         tail.defer(INSERT, {"id": 3})
         tail.defer(INSERT, {"id": 1})
         tail.commit(conn)
+    assert ids(engine) == [1]
+    idle_and_transactional(engine)
+    # A statement outside the tail that BEGIN and the held ones rode with raises theirs.
+    with pytest.raises(IntegrityError), opened(engine) as (conn, tail):
+        tail.defer(INSERT, {"id": 4})
+        tail.defer(INSERT, {"id": 1})
+        conn.exec_driver_sql(INSERT, {"id": 5})
     assert ids(engine) == [1]
     idle_and_transactional(engine)
 
