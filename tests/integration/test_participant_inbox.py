@@ -24,13 +24,15 @@ from sqlalchemy.orm import Session, registry
 
 import migrations
 from outbox_relay.message import REPLY_ACTOR, Envelope, Slip, SlipStep, decode
-from outbox_relay.roundtrips import driver
+from outbox_relay.roundtrips import Tail, driver
 from outbox_relay.table import outbox
 from participants import BusinessFailure, Context, Participant, Payload, purge_inbox
 from participants.broker import ParticipantBroker
 from participants.errors import SavepointNeeded
 from participants.examples import BRANCHES
 from participants.examples.inventory import add_stock, available, inventory, reserved, stock
+from participants.inbox import InboxKey
+from participants.store import LateClaims, PostgresInbox, claim_late
 from participants.tables import command_inbox
 from participants.testing import command, compensation, retry
 from participants.worker import Binding, InboxPurge
@@ -508,6 +510,32 @@ def test_a_batch_writes_each_inbox_row_with_its_reply(
         assert (reply.type, reply.causation_id) == ("succeeded", cmd.message_id)
         assert probe_effect(engine, cmd.correlation_id) == 1
     assert probe.calls == ["do:1"] * 4
+
+
+def test_a_key_claimed_late_with_no_reply_sent_is_still_inserted_at_commit(
+    engine: Engine,
+) -> None:
+    # Every handling path sends a reply for the key it claims; should one not, the row
+    # must still be there after the commit, and a duplicate of it must fail the commit.
+    saga_id = str(uuid.uuid4())
+    key = InboxKey(saga_id, "step", "command")
+    row = {"command": ("done", None)}
+    for attempt in (1, 2):
+        late: LateClaims = {}
+        tail = Tail()
+        with Session(engine) as session, session.begin():
+            inbox = PostgresInbox(session, tail=tail, late=late)
+            assert inbox.claim(key, str(uuid.uuid4())) is None
+            # Nothing written yet: the claim is only remembered.
+            assert late and inbox_rows(engine, saga_id) == ({} if attempt == 1 else row)
+            claim_late(tail, late)
+            assert not late
+            if attempt == 1:
+                tail.commit(session)
+            else:
+                with pytest.raises(IntegrityError):
+                    tail.commit(session)
+        assert inbox_rows(engine, saga_id) == row
 
 
 def test_a_duplicate_in_a_batch_is_undone_and_redone_with_the_keys_claimed_first(
