@@ -168,9 +168,8 @@ class Tail:
         """Send BEGIN (and what is held back with it) if it is still to be sent: another
         statement is about to run on this connection (``hold``)."""
         if self._begin:
-            with raw.pipeline():
-                read = _send_all(raw, self._take())
-            _read(read)
+            with self.opened(raw):
+                pass
 
 
 def _send(raw: psycopg.Connection[Any], sql: str, params: Params) -> psycopg.Cursor[Any]:
@@ -293,7 +292,7 @@ def hold(engine: Engine) -> None:
             tail.discard()
         rollback_to(conn, name)
 
-    def opening(cursor: Any) -> Tail | None:
+    def owing(cursor: Any) -> Tail | None:
         # Not one statement outside the transaction: the tail whose BEGIN is still to be
         # sent before this statement, if any.
         current = _held.get()
@@ -305,7 +304,7 @@ def hold(engine: Engine) -> None:
         return current[1]
 
     def do_execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        tail = opening(cursor)
+        tail = owing(cursor)
         if tail is None:
             execute(cursor, statement, parameters, context)
             return
@@ -315,7 +314,7 @@ def hold(engine: Engine) -> None:
             execute(cursor, statement, parameters, context)
 
     def do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
-        tail = opening(cursor)
+        tail = owing(cursor)
         if tail is None:
             execute_no_params(cursor, statement, context)
             return
@@ -323,7 +322,7 @@ def hold(engine: Engine) -> None:
             execute_no_params(cursor, statement, context)
 
     def do_executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        tail = opening(cursor)
+        tail = owing(cursor)
         if tail is not None:
             tail._open(cursor.connection)  # executemany runs its own pipeline
         executemany(cursor, statement, parameters, context)

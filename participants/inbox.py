@@ -58,7 +58,10 @@ class Inbox(Protocol):
     ) -> InboxEntry | None:
         """Insert the row and return None, or return the existing row, locked until commit.
 
-        A concurrent transaction holding the same key makes this wait until it ends.
+        A concurrent transaction holding the same key makes this wait until it ends. A
+        worker's inbox may claim late instead (store.PostgresInbox.late): it returns None
+        and inserts the row with the reply (``send``), where a key already there fails
+        the transaction, which the worker then redoes claiming first.
         """
         ...
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from psycopg import pq
 from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.orm import Session, registry
 
 import migrations
@@ -80,6 +80,8 @@ class Probe:
                 raise BusinessFailure("refused after writing")
             if payload.get("crash"):
                 raise RuntimeError("crashed after writing")
+            if payload.get("bad_sql"):
+                session.execute(text("SELECT * FROM no_such_table"))
             return {"calls": len(self.calls)}
 
         @probe.compensation("probe_undo")
@@ -510,6 +512,21 @@ def test_a_batch_writes_each_inbox_row_with_its_reply(
         assert (reply.type, reply.causation_id) == ("succeeded", cmd.message_id)
         assert probe_effect(engine, cmd.correlation_id) == 1
     assert probe.calls == ["do:1"] * 4
+
+
+def test_another_database_error_is_redone_once_claiming_first_then_raised(
+    engine: Engine, probe: Probe, binding: Binding
+) -> None:
+    ok = command("probe_do")
+    bad = command("probe_do", {"bad_sql": True})
+    with pytest.raises(ProgrammingError):
+        binding.apply([ok, bad])
+    # Both ran twice: claiming late, then claiming first; nothing of either stayed.
+    assert probe.calls == ["do:1"] * 4
+    for cmd in (ok, bad):
+        assert inbox_rows(engine, cmd.correlation_id) == {}
+        assert replies(engine, cmd.correlation_id) == []
+        assert probe_effect(engine, cmd.correlation_id) == 0
 
 
 def test_a_key_claimed_late_with_no_reply_sent_is_still_inserted_at_commit(
